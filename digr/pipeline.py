@@ -1,0 +1,99 @@
+"""The whole pipeline: ingest -> embed -> tokenize -> sft -> evaluate, in one run directory.
+
+Each stage is a function `(stage_dir) -> info` run through `Run.stage`, which skips it when
+its inputs, config and code are unchanged, and resumes it when it was killed part-way.
+A stage job (`python -m jobs.sft`) runs the pipeline up to that stage: upstream stages
+that are already finished cost nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+from digr import storage
+from digr.embed import EmbedConfig
+from digr.evaluate import EvalConfig
+from digr.ingest import IngestConfig
+from digr.runs import Run, file_hash
+from digr.sft import SFTConfig
+from digr.tokenize import TokenizeConfig
+
+STAGES = ("ingest", "embed", "tokenize", "sft", "evaluate")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = ""   # "" = $RAY_ADDRESS when set (ray job submit), else start a local Ray
+    num_cpus: int = 0   # logical CPUs of a local Ray; 0 = max(4, cores): Data actors, Train workers and
+                        # the Train controller each reserve CPUs, and 2 real cores would deadlock them
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def init_ray(cfg: RayConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
+
+
+def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every stage up to and including `until` in run directory `output` (local or s3://)."""
+    if until not in STAGES:
+        raise ValueError(f"unknown stage {until!r}; stages are {', '.join(STAGES)}")
+    from digr import stages
+
+    init_ray(cfg.ray)
+    run = Run(output, cfg, log=log)
+    wanted = STAGES[: STAGES.index(until) + 1]
+    try:
+        inputs = {os.path.basename(p): file_hash(p) for p in stages.ingest_inputs(cfg.ingest)}
+        run.stage("ingest", cfg.ingest, lambda d: stages.ingest_stage(cfg.ingest, d), inputs=inputs)
+        if "embed" in wanted:
+            run.stage("embed", cfg.embed, lambda d: stages.embed_stage(cfg.embed, run.path("ingest"), d),
+                      depends=("ingest",))
+        if "tokenize" in wanted:
+            run.stage("tokenize", cfg.tokenize,
+                      lambda d: stages.tokenize_stage(cfg.tokenize, run.path("embed"), d), depends=("embed",))
+        if "sft" in wanted:
+            run.stage("sft", cfg.sft,
+                      lambda d: stages.sft_stage(cfg.sft, run.path("ingest"), run.path("tokenize"), d),
+                      depends=("ingest", "tokenize"))
+        result: dict[str, Any] = {}
+        if "evaluate" in wanted:
+            info = run.stage("evaluate", cfg.evaluate,
+                             lambda d: stages.evaluate_stage(cfg.evaluate, run.path("ingest"), run.path("tokenize"),
+                                                             run.path("sft"), d),
+                             depends=("ingest", "tokenize", "sft"))
+            result = info["metrics"]
+            storage.write_json(run.path("metrics.json"), {**result["generative"], "models": result})
+    finally:
+        run.write_manifest()
+    if "evaluate" in wanted:
+        from digr.report import metrics_table, write_report
+
+        tok = storage.read_json(storage.join(run.path("tokenize"), "tokenizer.json"))
+        sft_hist = storage.read_json(storage.join(run.path("sft"), "history.json"))
+        path = write_report(run.dir, result, tok["stats"], tok["history"], sft_hist, run.manifest())
+        log("\n" + metrics_table(result))
+        log(f"\nrun directory: {run.dir}\nreport: {path}")
+    return result
+
+

@@ -1,0 +1,131 @@
+"""Stage bodies of the pipeline: each calls its module's core and writes the stage's artifacts.
+
+Artifacts (every path relative to the run directory; local or s3://):
+- ingest/   items.parquet, sequences.parquet, examples.parquet, quarantine.parquet (schemas in digr.ingest)
+- embed/    embeddings/*.parquet: item_idx int32, embedding list<float32>
+- tokenize/ sids.parquet (item_idx, sid list<int32>), rqvae.pt (state dict), trie.npz, tokenizer.json
+            (stats: collision rate before the suffix, usage per level, codebook_version; loss history)
+- sft/      model/ (transformers directory + vocab), history.json, ray/ (Ray Train checkpoints)
+- evaluate/ predictions_<model>.jsonl (top-K per user, source ids, for ../shared/tools/score.py), metrics.json
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import torch
+
+from digr import storage
+from digr.embed import EmbedConfig, load_embeddings, run_embed
+from digr.evaluate import EvalConfig, rank_generative, rank_popularity, score, start_sasrec, test_rows
+from digr.ingest import IngestConfig, ingest, input_files
+from digr.metrics import EMPTY, write_predictions
+from digr.sft import SFTConfig, run_sft, save_model
+from digr.sids import sid_table
+from digr.tokenize import TokenizeConfig, run_tokenize
+from digr.trie import SidTrie
+
+
+def ingest_inputs(cfg: IngestConfig) -> list[str]:
+    return input_files(cfg)
+
+
+def ingest_stage(cfg: IngestConfig, out: str) -> dict[str, Any]:
+    res = ingest(cfg)
+    for name in ("items", "sequences", "examples", "quarantine"):
+        storage.write_table(storage.join(out, f"{name}.parquet"), getattr(res, name))
+    quarantined = res.quarantine.num_rows
+    if quarantined:
+        reasons = res.quarantine["reason"].value_counts().to_pylist()
+        print(f"[ingest] {quarantined} rows quarantined: "
+              + ", ".join(f"{r['values']}={r['counts']}" for r in reasons)
+              + f" (see {storage.join(out, 'quarantine.parquet')})")
+    rows = {"items": res.items.num_rows, "users": res.sequences.num_rows,
+            "examples": res.examples.num_rows, "quarantined": quarantined}
+    return {"rows": rows, "stats": res.stats}
+
+
+def embed_stage(cfg: EmbedConfig, ingest_dir: str, out: str) -> dict[str, Any]:
+    emb = run_embed(storage.join(ingest_dir, "items.parquet"), storage.join(out, "embeddings"), cfg)
+    return {"rows": {"items": int(emb.shape[0])}, "stats": {"dim": int(emb.shape[1])}}
+
+
+def tokenize_stage(cfg: TokenizeConfig, embed_dir: str, out: str) -> dict[str, Any]:
+    emb = load_embeddings(storage.join(embed_dir, "embeddings"))
+    res = run_tokenize(emb, cfg, storage_dir=storage.join(out, "ray"))
+    storage.write_table(storage.join(out, "sids.parquet"), sid_table(res.sids))
+    buf = io.BytesIO()
+    torch.save(res.model_state, buf)
+    storage.write_bytes(storage.join(out, "rqvae.pt"), buf.getvalue())
+    vocab = _vocab(res.sids, cfg.rqvae.codebook_size)
+    storage.write_bytes(storage.join(out, "trie.npz"), SidTrie.from_codes(res.sids, vocab).to_bytes())
+    stats = {k: v for k, v in res.stats.items()}
+    storage.write_json(storage.join(out, "tokenizer.json"), {
+        "levels": cfg.rqvae.levels, "codebook_size": cfg.rqvae.codebook_size,
+        "stats": stats, "history": res.history,
+    })
+    return {"rows": {"items": int(res.sids.shape[0])}, "stats": stats}
+
+
+def load_sids(tokenize_dir: str) -> tuple[np.ndarray, int]:
+    """(N, sid_len) int64 SIDs ordered by item_idx, and the codebook size."""
+    table = storage.read_table(storage.join(tokenize_dir, "sids.parquet")).sort_by("item_idx")
+    meta = storage.read_json(storage.join(tokenize_dir, "tokenizer.json"))
+    return np.asarray(table["sid"].to_pylist(), dtype=np.int64), int(meta["codebook_size"])
+
+
+def _vocab(sids: np.ndarray, codebook_size: int) -> Any:
+    from digr.seqmodel import SidVocab
+
+    return SidVocab(levels=sids.shape[1] - 1, codebook_size=codebook_size, suffix_size=int(sids[:, -1].max()) + 1)
+
+
+def sft_stage(cfg: SFTConfig, ingest_dir: str, tokenize_dir: str, out: str) -> dict[str, Any]:
+    examples = storage.read_table(storage.join(ingest_dir, "examples.parquet"))
+    sids, codebook_size = load_sids(tokenize_dir)
+    res = run_sft(examples, sids, codebook_size, cfg, storage_dir=storage.join(out, "ray"))
+    save_model(res, sids, storage.join(out, "model"))
+    storage.write_json(storage.join(out, "history.json"), res.history)
+    best = next((h for h in res.history if h.get("epoch") == res.best_epoch), {})
+    return {"rows": {"train_examples": int(sum(1 for s in examples["split"].to_pylist() if s == "train"))},
+            "stats": {"best_epoch": res.best_epoch, "stopped_early": res.stopped_early,
+                      "epochs_run": len(res.history),
+                      "best_valid_ndcg@10": best.get("valid_ndcg@10")}}
+
+
+def evaluate_stage(cfg: EvalConfig, ingest_dir: str, tokenize_dir: str, sft_dir: str, out: str) -> dict[str, Any]:
+    items = storage.read_table(storage.join(ingest_dir, "items.parquet")).sort_by("item_idx")
+    sequences = storage.read_table(storage.join(ingest_dir, "sequences.parquet"))
+    examples = storage.read_table(storage.join(ingest_dir, "examples.parquet"))
+    rows = test_rows(examples, sequences, "test")
+    seqs = sequences["item_idx"].to_pylist()
+    n_items = items.num_rows
+    max_history = max((len(h) for h in rows["history"]), default=1)
+
+    sasrec = start_sasrec(rows, seqs, n_items, cfg) if "sasrec" in cfg.baselines else None
+    ranked = {"generative": rank_generative(rows, {
+        "model_dir": storage.join(sft_dir, "model"), "trie_uri": storage.join(tokenize_dir, "trie.npz"),
+        "beam_size": cfg.beam_size, "top_k": cfg.top_k, "exclude_seen": cfg.exclude_seen,
+        "max_history": max_history,
+    }, cfg)}
+    if "popularity" in cfg.baselines:
+        ranked["popularity"] = rank_popularity(rows, seqs, n_items, cfg)
+    extra: dict[str, Any] = {}
+    if sasrec is not None:
+        import ray
+
+        ranked["sasrec"], extra["sasrec_history"] = ray.get(sasrec)
+
+    item_ids = np.asarray(items["item_id"].to_pylist(), dtype=object)
+    metrics = {}
+    for name, r in ranked.items():
+        metrics[name] = score(r, rows["target"], cfg.ks)
+        lists = [[item_ids[i] for i in row if i != EMPTY] for row in r]
+        buf = io.StringIO()
+        write_predictions(buf, rows["user_id"], lists)
+        storage.write_text(storage.join(out, f"predictions_{name}.jsonl"), buf.getvalue())
+    storage.write_json(storage.join(out, "metrics.json"), metrics)
+    storage.write_json(storage.join(out, "baseline_history.json"), extra)
+    return {"rows": {"test_users": len(rows["target"])}, "metrics": metrics}

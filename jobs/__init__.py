@@ -1,0 +1,1 @@
+"""Entry points, one per stage plus the whole pipeline: `python -m jobs.<stage>`."""
