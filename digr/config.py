@@ -107,8 +107,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from e
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+def to_dict(cfg: Any) -> Any:
+    """A config (dataclass, or already plain data) as JSON-able plain data."""
+    payload = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    return json.loads(json.dumps(payload, default=str))
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -152,5 +154,5 @@ def load(cls: type[T], path: str | None = None, overrides: list[str] | None = No
 
 def config_hash(obj: Any) -> str:
     """Stable short hash of a config (dataclass or plain JSON-able value)."""
-    payload = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    payload = to_dict(obj)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

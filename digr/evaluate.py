@@ -123,7 +123,8 @@ def start_sasrec(rows: dict[str, Any], sequences: list[list[int]], n_items: int,
     import ray
 
     task = ray.remote(num_cpus=1)(_train_and_rank_sasrec)
-    return task.remote(sequences, n_items, cfg, rows["history"], rows["seen"])
+    # SASRec reads the whole prior sequence, truncated to its own `max_len` window.
+    return task.remote(sequences, n_items, cfg, rows["seen"], rows["seen"])
 
 
 def rank_popularity(rows: dict[str, Any], sequences: list[list[int]], n_items: int, cfg: EvalConfig) -> np.ndarray:

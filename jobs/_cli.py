@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from digr.config import ConfigError, load
+
+# The embedded default: MovieLens-100K, sized for a 2-core laptop.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ml100k.yaml"
 
 
 def main(stage: str, argv: list[str] | None = None) -> int:
@@ -25,7 +29,7 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     from digr.pipeline import PipelineConfig, run_pipeline
 
     try:
-        cfg = load(PipelineConfig, args.config, args.overrides)
+        cfg = load(PipelineConfig, args.config or str(DEFAULT_CONFIG), args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,224 @@
+"""Constrained beam search over the SID trie: the one decoder evaluation, serving and RL share.
+
+The search is the one Hugging Face runs for
+`generate(num_beams=W, prefix_allowed_tokens_fn=<trie>, max_new_tokens=sid_len)`, so the
+results are the same: at each step the scores are log_softmax over the FULL vocabulary,
+tokens the trie does not allow get -inf (no renormalisation), a beam's score is the running
+sum, and beams are ranked by that sum (all SIDs have the same length, so HF's length
+penalty cannot change the ranking).
+
+It is faster than `generate` because it never repeats work across the beams of one history:
+
+* the encoder runs once per history, and the cross-attention keys/values are projected
+  once per history, (B, H, S, dk), instead of once per beam;
+* in cross-attention the W beams of a history are fed as W query positions against that
+  history's keys, (B, H, W, dk) x (B, H, S, dk); T5 has no position bias in
+  cross-attention, so this is exact and the keys are never copied W times;
+* the first step runs on B rows (all beams start from the same decoder start token);
+* the trie is a dense table per level, so masking the candidates is one gather.
+
+The decoder layers are driven here directly (their own Linear / LayerNorm / FF modules),
+because HF's T5Attention cannot take B-row cross keys with B*W-row queries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import T5ForConditionalGeneration
+
+from digr.seqmodel import PAD, SidVocab
+from digr.trie import SidTrie
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class BeamOutput:
+    """Best `top_k` SIDs per history, best first.
+
+    items: (B, K) int64 item index, -1 where fewer than K valid items were found.
+    scores: (B, K) float32 sum of the SID tokens' log-probs, -inf where items is -1.
+    sids: (B, K, sid_len) int64 codes (not token ids), -1 where items is -1.
+    """
+
+    items: torch.Tensor
+    scores: torch.Tensor
+    sids: torch.Tensor
+
+
+def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(N, T, H * dk) -> (N, H, T, dk)."""
+    n, t, _ = x.shape
+    return x.view(n, t, n_heads, -1).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """(N, H, T, dk) -> (N, T, H * dk)."""
+    n, h, t, dk = x.shape
+    return x.transpose(1, 2).reshape(n, t, h * dk)
+
+
+def _cross_kv(model: T5ForConditionalGeneration, enc: torch.Tensor) -> list[KV]:
+    """enc: (B, S, d) encoder output -> per decoder layer (keys, values), each (B, H, S, dk)."""
+    out = []
+    for block in model.decoder.block:
+        att = block.layer[1].EncDecAttention
+        out.append((_heads(att.k(enc), att.n_heads), _heads(att.v(enc), att.n_heads)))
+    return out
+
+
+def _decoder_step(
+    model: T5ForConditionalGeneration,
+    tokens: torch.Tensor,
+    past: list[KV],
+    cross: list[KV],
+    cross_mask: torch.Tensor,
+) -> tuple[torch.Tensor, list[KV]]:
+    """One cached decoder step for W beams per history.
+
+    tokens: (B, W) int64, the token each beam consumes now.
+    past: per layer self-attention (keys, values), each (B * W, H, t, dk), beam-major rows.
+    cross: per layer (keys, values), each (B, H, S, dk); cross_mask: (B, 1, 1, S) additive.
+    Returns logits (B, W, V) for the next token and `past` extended to t + 1 positions.
+    Mirrors T5Stack/T5Block in eval mode (dropout is the identity there).
+    """
+    dec = model.decoder
+    b, w = tokens.shape
+    h = dec.embed_tokens(tokens).view(b * w, 1, -1)  # (B*W, 1, d)
+    t = past[0][0].shape[2]
+    # T5 shares layer 0's relative position bias across layers; one query at position t.
+    self_bias = dec.block[0].layer[0].SelfAttention.compute_bias(1, t + 1, device=h.device, past_seen_tokens=t)
+    new_past: list[KV] = []
+    for block, (pk, pv), (ck, cv) in zip(dec.block, past, cross):
+        sa = block.layer[0]
+        att = sa.SelfAttention
+        x = sa.layer_norm(h)
+        q = _heads(att.q(x), att.n_heads)
+        k = torch.cat([pk, _heads(att.k(x), att.n_heads)], dim=2)
+        v = torch.cat([pv, _heads(att.v(x), att.n_heads)], dim=2)
+        new_past.append((k, v))
+        # T5 does not scale q.k (scale=1); the single new query may see every past position.
+        h = h + att.o(_merge(F.scaled_dot_product_attention(q, k, v, attn_mask=self_bias.to(q.dtype), scale=1.0)))
+
+        ca = block.layer[1]
+        att = ca.EncDecAttention
+        x = ca.layer_norm(h).view(b, w, -1)  # the W beams become W query positions of one row
+        q = _heads(att.q(x), att.n_heads)  # (B, H, W, dk)
+        o = F.scaled_dot_product_attention(q, ck, cv, attn_mask=cross_mask, scale=1.0)
+        h = h + att.o(_merge(o)).view(b * w, 1, -1)
+
+        h = block.layer[2](h)  # feed-forward with its residual
+    h = dec.final_layer_norm(h)
+    if getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings):
+        h = h * (model.config.d_model**-0.5)
+    return model.lm_head(h).view(b, w, -1), new_past
+
+
+def _check_inputs(
+    model: T5ForConditionalGeneration,
+    trie: SidTrie,
+    vocab: SidVocab,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    beam_size: int,
+    top_k: int,
+    exclude: torch.Tensor | None,
+) -> None:
+    if trie.vocab != vocab:
+        raise ValueError(f"trie was built for {trie.vocab}, decoding asked for {vocab}")
+    if model.config.vocab_size != vocab.vocab_size:
+        raise ValueError(f"model vocab_size {model.config.vocab_size} != SID vocab_size {vocab.vocab_size}")
+    if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids and attention_mask must both be (B, T); got {tuple(input_ids.shape)} "
+            f"and {tuple(attention_mask.shape)}"
+        )
+    if beam_size < 1 or not 1 <= top_k <= beam_size:
+        raise ValueError(f"need beam_size >= 1 and 1 <= top_k <= beam_size, got {beam_size=} {top_k=}")
+    if exclude is not None and (exclude.dtype != torch.bool or exclude.shape != (input_ids.shape[0], trie.num_items)):
+        raise ValueError(
+            f"exclude must be (B={input_ids.shape[0]}, N_items={trie.num_items}) bool, "
+            f"got {tuple(exclude.shape)} {exclude.dtype}"
+        )
+
+
+@torch.no_grad()
+def beam_search(
+    model: T5ForConditionalGeneration,
+    trie: SidTrie,
+    vocab: SidVocab,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    beam_size: int = 20,
+    top_k: int = 10,
+    exclude: torch.Tensor | None = None,
+) -> BeamOutput:
+    """The `top_k` best valid SIDs per history by constrained beam search of width `beam_size`.
+
+    input_ids, attention_mask: (B, T) from `encode_histories` (any padding side).
+    exclude: optional (B, N_items) bool; items never returned for that row (e.g. already
+    seen). Applied at the last step by masking leaves, so excluded items do not use up beams
+    there (they can still steer earlier steps, as their prefixes are shared with others).
+    The model runs in eval mode for the call and is put back in its previous mode after.
+    Differs from HF only when a row has fewer valid continuations than beams: HF then fills
+    the list with copies scored about -1e9, this returns -1 / -inf.
+    """
+    _check_inputs(model, trie, vocab, input_ids, attention_mask, beam_size, top_k, exclude)
+    device = model.lm_head.weight.device
+    if trie.children[0].device != device:
+        trie = trie.to(device)  # callers that decode often should move the trie once
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        enc = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, S, d)
+        cross = _cross_kv(model, enc)
+        cross_mask = torch.zeros(attention_mask.shape, dtype=enc.dtype, device=device)
+        cross_mask = cross_mask.masked_fill(attention_mask == 0, torch.finfo(enc.dtype).min)[:, None, None, :]
+
+        b = input_ids.shape[0]
+        att0 = model.decoder.block[0].layer[0].SelfAttention
+        empty = enc.new_zeros(b, att0.n_heads, 0, att0.key_value_proj_dim)
+        past: list[KV] = [(empty, empty)] * len(model.decoder.block)
+        tokens = torch.full((b, 1), PAD, dtype=torch.long, device=device)  # T5's decoder start
+        scores = torch.zeros(b, 1, device=device)  # (B, W): W = 1 until the first choice
+        nodes = torch.zeros(b, 1, dtype=torch.long, device=device)  # trie node of each beam
+        sids = torch.zeros(b, 1, 0, dtype=torch.long, device=device)  # codes chosen so far
+        rows = torch.arange(b, device=device).unsqueeze(1)
+        for level in range(vocab.sid_len):
+            last = level == vocab.sid_len - 1
+            logits, past = _decoder_step(model, tokens, past, cross, cross_mask)
+            w, size, offset = tokens.shape[1], vocab.level_size(level), vocab.level_offset(level)
+            # Normalise over the full vocabulary first, then keep this level's token range:
+            # the same numbers HF's constrained beam search adds up.
+            logp = torch.log_softmax(logits.float(), dim=-1)[..., offset : offset + size]  # (B, W, size)
+            allowed = trie.allowed(level, nodes.view(-1)).view(b, w, size)
+            if last and exclude is not None:
+                leaf = trie.children[level][nodes.clamp(min=0)].long()  # (B, W, size) item or -1
+                seen = exclude.to(device).gather(1, leaf.clamp(min=0).view(b, -1)).view(b, w, size)
+                allowed &= ~seen
+            cand = (scores.unsqueeze(-1) + logp.masked_fill(~allowed, float("-inf"))).view(b, w * size)
+            k = min(top_k if last else beam_size, w * size)
+            scores, flat = cand.topk(k, dim=1)  # sorted, best first
+            beam, code = flat // size, flat % size  # source beam and chosen code, (B, k)
+            sids = torch.cat([sids[rows, beam], code.unsqueeze(-1)], dim=-1)
+            nodes = trie.step(level, nodes[rows, beam].view(-1), code.view(-1)).view(b, k)
+            nodes = nodes.masked_fill(torch.isinf(scores), -1)  # dead beams (masked picks) hold no prefix
+            if not last:
+                src = (rows * w + beam).view(-1)  # reorder the self-attention cache by beam
+                past = [(pk.index_select(0, src), pv.index_select(0, src)) for pk, pv in past]
+                tokens = code + offset
+    finally:
+        model.train(was_training)
+
+    dead = nodes < 0
+    sids = sids.masked_fill(dead.unsqueeze(-1), -1)
+    if k < top_k:  # fewer candidates than asked for: pad the lists
+        pad = top_k - k
+        nodes = F.pad(nodes, (0, pad), value=-1)
+        scores = F.pad(scores, (0, pad), value=float("-inf"))
+        sids = F.pad(sids, (0, 0, 0, pad), value=-1)
+    return BeamOutput(items=nodes, scores=scores, sids=sids)

@@ -1,0 +1,38 @@
+"""How many Ray Train workers a training stage uses, shared by tokenize and SFT."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # ray is imported lazily so pure-core users do not pay for it
+    import ray.train
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"ScalingConfig.num_workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"ScalingConfig.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+
+    @property
+    def torch_threads(self) -> int:
+        """Intra-op threads per worker: one per reserved CPU. More threads than reserved
+        cores make small-tensor training several times slower on a shared machine."""
+        return max(1, int(self.cpus_per_worker))
+
+    def to_ray(self) -> ray.train.ScalingConfig:
+        import ray.train
+
+        resources: dict[str, float] = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            resources["GPU"] = 1.0
+        return ray.train.ScalingConfig(
+            num_workers=self.num_workers, use_gpu=self.use_gpu, resources_per_worker=resources
+        )

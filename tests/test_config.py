@@ -1,0 +1,57 @@
+"""Config loading: YAML fills frozen dataclasses; bad keys and types name themselves."""
+
+from __future__ import annotations
+
+import pytest
+
+from digr.config import ConfigError, config_hash, load, parse_overrides
+from digr.pipeline import PipelineConfig
+
+
+def test_defaults_are_the_embedded_movielens_job() -> None:
+    cfg = load(PipelineConfig)
+    assert cfg.ingest.source == "movielens-100k"
+    assert cfg.evaluate.beam_size == 20
+
+
+def test_yaml_then_overrides(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("ingest:\n  source: inter-json\n  path: /data\n  name: Scientific\nsft:\n  epochs: 7\n")
+    cfg = load(PipelineConfig, str(path), ["sft.epochs=3", "sft.model.d_model=64", "evaluate.ks=5,10"])
+    assert (cfg.ingest.source, cfg.ingest.name, cfg.sft.epochs, cfg.sft.model.d_model) == ("inter-json", "Scientific", 3, 64)
+    assert cfg.evaluate.ks == (5, 10)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sft.epoch=3", "unknown config key sft.epoch"),
+        ("sft.epochs=ten", "sft.epochs: expected an int"),
+        ("evaluate.exclude_seen=maybe", "evaluate.exclude_seen: expected a bool"),
+        ("ingest.source=parquet", "source"),
+        ("nonsense", "not key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(PipelineConfig, None, [override])
+
+
+def test_missing_file_and_bad_yaml(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load(PipelineConfig, str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load(PipelineConfig, str(bad))
+
+
+def test_overrides_parse_yaml_scalars() -> None:
+    assert parse_overrides(["a.b=3", "a.c=true", "d=x"]) == {"a": {"b": 3, "c": True}, "d": "x"}
+
+
+def test_config_hash_changes_with_any_field() -> None:
+    a = load(PipelineConfig)
+    b = load(PipelineConfig, None, ["sft.lr=0.002"])
+    assert config_hash(a) == config_hash(load(PipelineConfig))
+    assert config_hash(a) != config_hash(b)
