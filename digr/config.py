@@ -23,7 +23,16 @@ class ConfigError(ValueError):
     pass
 
 
+class _Raw(str):
+    """A command-line value: parsed as YAML for typed fields, kept verbatim for str fields
+    (so `ingest.name=0123` stays "0123" instead of becoming the octal int 83)."""
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
+    if isinstance(value, _Raw):
+        if tp is str:
+            return str(value)
+        value = yaml.safe_load(value) if value != "" else ""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -46,9 +55,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError("; ".join(errors))
     if origin is tuple:
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+            value = [_Raw(v) for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            value = [value]  # a single value for a tuple field: `evaluate.ks=10`
         args = typing.get_args(tp)
         elem = args[0] if args else Any
         return tuple(_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
@@ -124,7 +133,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        node[parts[-1]] = _Raw(raw)
     return out
 
 

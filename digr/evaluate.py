@@ -54,9 +54,10 @@ class GenerativeRanker:
 
         if threads:
             torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.vocab, self.sid_tokens = load_model(model_dir)
-        self.model.eval()
-        self.trie = SidTrie.from_bytes(storage.read_bytes(trie_uri))
+        self.model.to(self.device).eval()
+        self.trie = SidTrie.from_bytes(storage.read_bytes(trie_uri)).to(self.device)
         self.n_items = self.sid_tokens.shape[0]
         self.beam_size, self.top_k, self.exclude_seen, self.max_history = beam_size, top_k, exclude_seen, max_history
 
@@ -68,10 +69,10 @@ class GenerativeRanker:
         input_ids, mask = encode_histories(histories, self.sid_tokens, self.max_history)
         exclude = None
         if self.exclude_seen:
-            exclude = torch.from_numpy(seen_mask(seen if seen is not None else histories, self.n_items))
-        out = beam_search(self.model, self.trie, self.vocab, input_ids, mask,
+            exclude = torch.from_numpy(seen_mask(seen if seen is not None else histories, self.n_items)).to(self.device)
+        out = beam_search(self.model, self.trie, self.vocab, input_ids.to(self.device), mask.to(self.device),
                           beam_size=self.beam_size, top_k=self.top_k, exclude=exclude)
-        return out.items.numpy()
+        return out.items.cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         histories = [list(map(int, h)) for h in batch["history"]]

@@ -80,7 +80,7 @@ def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",
         if "evaluate" in wanted:
             info = run.stage("evaluate", cfg.evaluate,
                              lambda d: stages.evaluate_stage(cfg.evaluate, run.path("ingest"), run.path("tokenize"),
-                                                             run.path("sft"), d),
+                                                             run.path("sft"), d, cfg.sft.max_history),
                              depends=("ingest", "tokenize", "sft"))
             result = info["metrics"]
             storage.write_json(run.path("metrics.json"), {**result["generative"], "models": result})

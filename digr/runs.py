@@ -26,6 +26,7 @@ from digr import storage
 from digr.config import config_hash, to_dict
 
 _PKG_ROOT = Path(__file__).resolve().parent
+RUN_OUTPUTS = ("metrics.json", "report.md")
 _VERSIONED = ("ray", "torch", "transformers", "sentence-transformers", "pyarrow", "numpy", "deepspeed", "vllm")
 
 
@@ -132,6 +133,8 @@ class Run:
             storage.delete_dir(sdir)  # stale output from another config, input or code version
         elif storage.exists(started):
             self.log(f"[{name}] resuming an unfinished run (key {key})")
+        for stale in RUN_OUTPUTS:  # run-level results describe the old stage output until re-made
+            storage.delete_file(self.path(stale))
         storage.write_json(started, {"key": key, "time": time.time()})
         self.log(f"[{name}] running (key {key})")
         t0 = time.time()

@@ -48,6 +48,7 @@ def ingest_stage(cfg: IngestConfig, out: str) -> dict[str, Any]:
 
 
 def embed_stage(cfg: EmbedConfig, ingest_dir: str, out: str) -> dict[str, Any]:
+    storage.delete_dir(storage.join(out, "embeddings"))  # a killed run's partial files; Ray Data appends
     emb = run_embed(storage.join(ingest_dir, "items.parquet"), storage.join(out, "embeddings"), cfg)
     return {"rows": {"items": int(emb.shape[0])}, "stats": {"dim": int(emb.shape[1])}}
 
@@ -95,14 +96,15 @@ def sft_stage(cfg: SFTConfig, ingest_dir: str, tokenize_dir: str, out: str) -> d
                       "best_valid_ndcg@10": best.get("valid_ndcg@10")}}
 
 
-def evaluate_stage(cfg: EvalConfig, ingest_dir: str, tokenize_dir: str, sft_dir: str, out: str) -> dict[str, Any]:
+def evaluate_stage(cfg: EvalConfig, ingest_dir: str, tokenize_dir: str, sft_dir: str, out: str,
+                   max_history: int) -> dict[str, Any]:
+    """max_history: the encoder window the model was trained and validated with (sft.max_history)."""
     items = storage.read_table(storage.join(ingest_dir, "items.parquet")).sort_by("item_idx")
     sequences = storage.read_table(storage.join(ingest_dir, "sequences.parquet"))
     examples = storage.read_table(storage.join(ingest_dir, "examples.parquet"))
     rows = test_rows(examples, sequences, "test")
     seqs = sequences["item_idx"].to_pylist()
     n_items = items.num_rows
-    max_history = max((len(h) for h in rows["history"]), default=1)
 
     sasrec = start_sasrec(rows, seqs, n_items, cfg) if "sasrec" in cfg.baselines else None
     ranked = {"generative": rank_generative(rows, {

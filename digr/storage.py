@@ -54,6 +54,12 @@ def delete_dir(uri: str) -> None:
         fs.delete_dir(path)
 
 
+def delete_file(uri: str) -> None:
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
 def _parent(uri: str) -> str:
     return uri.rsplit("/", 1)[0] if is_remote(uri) else os.path.dirname(os.path.abspath(uri))
 

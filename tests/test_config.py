@@ -46,8 +46,10 @@ def test_missing_file_and_bad_yaml(tmp_path) -> None:
         load(PipelineConfig, str(bad))
 
 
-def test_overrides_parse_yaml_scalars() -> None:
-    assert parse_overrides(["a.b=3", "a.c=true", "d=x"]) == {"a": {"b": 3, "c": True}, "d": "x"}
+def test_overrides_are_typed_by_the_field() -> None:
+    cfg = load(PipelineConfig, None, ["ingest.name=0123", "sft.epochs=3", "evaluate.exclude_seen=false", "evaluate.ks=10"])
+    assert (cfg.ingest.name, cfg.sft.epochs, cfg.evaluate.exclude_seen, cfg.evaluate.ks) == ("0123", 3, False, (10,))
+    assert parse_overrides(["a.b=3"]) == {"a": {"b": "3"}}
 
 
 def test_config_hash_changes_with_any_field() -> None:
