@@ -43,7 +43,7 @@ def _plot_curves(history: list[dict[str, Any]], keys: tuple[str, ...], title: st
         ax.set_xlabel("epoch")
         ax.set_title(key)
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.04)
     data = _png(fig)
     plt.close(fig)
     return data
