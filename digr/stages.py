@@ -23,6 +23,7 @@ from digr.evaluate import EvalConfig, rank_generative, rank_popularity, score, s
 from digr.ingest import IngestConfig, ingest, input_files
 from digr.metrics import EMPTY, write_predictions
 from digr.sft import SFTConfig, run_sft, save_model
+from digr.sft_data import vocab_for
 from digr.sids import sid_table
 from digr.tokenize import TokenizeConfig, run_tokenize
 from digr.trie import SidTrie
@@ -60,7 +61,7 @@ def tokenize_stage(cfg: TokenizeConfig, embed_dir: str, out: str) -> dict[str, A
     buf = io.BytesIO()
     torch.save(res.model_state, buf)
     storage.write_bytes(storage.join(out, "rqvae.pt"), buf.getvalue())
-    vocab = _vocab(res.sids, cfg.rqvae.codebook_size)
+    vocab = vocab_for(res.sids, cfg.rqvae.codebook_size)
     storage.write_bytes(storage.join(out, "trie.npz"), SidTrie.from_codes(res.sids, vocab).to_bytes())
     stats = {k: v for k, v in res.stats.items()}
     storage.write_json(storage.join(out, "tokenizer.json"), {
@@ -75,12 +76,6 @@ def load_sids(tokenize_dir: str) -> tuple[np.ndarray, int]:
     table = storage.read_table(storage.join(tokenize_dir, "sids.parquet")).sort_by("item_idx")
     meta = storage.read_json(storage.join(tokenize_dir, "tokenizer.json"))
     return np.asarray(table["sid"].to_pylist(), dtype=np.int64), int(meta["codebook_size"])
-
-
-def _vocab(sids: np.ndarray, codebook_size: int) -> Any:
-    from digr.seqmodel import SidVocab
-
-    return SidVocab(levels=sids.shape[1] - 1, codebook_size=codebook_size, suffix_size=int(sids[:, -1].max()) + 1)
 
 
 def sft_stage(cfg: SFTConfig, ingest_dir: str, tokenize_dir: str, out: str) -> dict[str, Any]:
