@@ -1,7 +1,8 @@
 """Constrained beam search: `digr.decode.beam_search` against Hugging Face `generate`.
 
-    .venv/bin/python benchmarks/bench_decode.py                     # TIGER-sized random T5
-    .venv/bin/python benchmarks/bench_decode.py --model-dir DIR --trie trie.npz   # a trained one
+    .venv/bin/python benchmarks/bench_decode.py                     # TIGER-sized random T5, one position per item
+    .venv/bin/python benchmarks/bench_decode.py --encoder-input sid_tokens   # TIGER's flattened SID-token input
+    .venv/bin/python benchmarks/bench_decode.py --model-dir RUN/sft/model --trie RUN/tokenize/trie.npz  # a trained one
 
 Decodes the same histories both ways (beam 20, top 10), prints how many rows have identical
 top-10 item lists, the median time of each, the speed-up, and where our time goes.
@@ -20,8 +21,9 @@ import numpy as np
 import torch
 from transformers import T5ForConditionalGeneration
 
-from digr.decode import _cross_kv, _decoder_step, beam_search
-from digr.seqmodel import PAD, ModelConfig, SidVocab, build_t5, encode_histories
+from digr.decode import _cross_kv, _decoder_step, recommend
+from digr.seqmodel import ENCODER_INPUTS, PAD, ModelConfig, SidRecommender, SidVocab
+from digr.sft import load_model
 from digr.trie import SidTrie
 
 
@@ -64,14 +66,15 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
 
 
 @torch.no_grad()
-def breakdown(model: T5ForConditionalGeneration, vocab: SidVocab, ids: torch.Tensor, mask: torch.Tensor, beam: int) -> str:
+def breakdown(model: T5ForConditionalGeneration, vocab: SidVocab, enc_kwargs: dict[str, torch.Tensor],
+              mask: torch.Tensor, beam: int) -> str:
     """Time the encoder and each decoder step of our search alone (beam bookkeeping excluded)."""
     t0 = time.perf_counter()
-    enc = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    enc = model.encoder(**enc_kwargs, attention_mask=mask).last_hidden_state
     cross = _cross_kv(model, enc)
     cross_mask = torch.zeros(mask.shape).masked_fill(mask == 0, torch.finfo(enc.dtype).min)[:, None, None, :]
     parts = [f"encoder+cross K/V {time.perf_counter() - t0:.3f}s"]
-    b = ids.shape[0]
+    b = mask.shape[0]
     att = model.decoder.block[0].layer[0].SelfAttention
     empty = enc.new_zeros(b, att.n_heads, 0, att.key_value_proj_dim)
     past = [(empty, empty)] * len(model.decoder.block)
@@ -88,10 +91,12 @@ def breakdown(model: T5ForConditionalGeneration, vocab: SidVocab, ids: torch.Ten
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", help="a saved T5ForConditionalGeneration (needs --trie)")
+    ap.add_argument("--model-dir", help="a saved SFT model, RUN/sft/model (needs --trie)")
     ap.add_argument("--trie", help="a SidTrie .npz (SidTrie.save) matching --model-dir")
     ap.add_argument("--items", type=int, default=4000)
     ap.add_argument("--suffix-size", type=int, default=4)
+    ap.add_argument("--encoder-input", choices=ENCODER_INPUTS, default="items",
+                    help="random model only: one encoder position per item, or TIGER's SID tokens")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--history", type=int, default=20)
     ap.add_argument("--beam", type=int, default=20)
@@ -109,25 +114,29 @@ def main() -> None:
     if args.model_dir:
         if not args.trie:
             ap.error("--model-dir needs --trie (the SIDs the model was trained on)")
-        model = T5ForConditionalGeneration.from_pretrained(args.model_dir)
+        rec = load_model(args.model_dir)
         trie = SidTrie.load(args.trie)
         vocab = trie.vocab
     else:
         vocab = SidVocab(levels=3, codebook_size=256, suffix_size=args.suffix_size)
         trie = SidTrie.from_codes(random_catalogue(args.items, vocab, 0.03, rng), vocab)
-        model = build_t5(vocab, ModelConfig())
-    model.eval()
+        cfg = ModelConfig(encoder_input=args.encoder_input, content_features=False)
+        rec = SidRecommender(vocab, cfg, vocab.encode(trie.codes))
+    rec.eval()
+    model = rec.t5
 
     hist = [rng.integers(0, trie.num_items, size=args.history).tolist() for _ in range(args.batch)]
-    ids, mask = encode_histories(hist, vocab.encode(trie.codes), args.history)
+    ids, mask = rec.batch(hist, args.history)
+    with torch.no_grad():
+        enc_kwargs = rec.encoder_kwargs(ids, mask)  # HF gets the same encoder input, precomputed
     fn = prefix_fn(trie, vocab)
 
     def ours() -> object:
-        return beam_search(model, trie, vocab, ids, mask, beam_size=args.beam, top_k=args.top_k)
+        return recommend(rec, trie, hist, args.history, beam_size=args.beam, top_k=args.top_k)
 
     def hf() -> object:
         return model.generate(
-            input_ids=ids,
+            **enc_kwargs,
             attention_mask=mask,
             num_beams=args.beam,
             num_return_sequences=args.top_k,
@@ -148,13 +157,14 @@ def main() -> None:
     hf_scores = gen.sequences_scores.view(args.batch, args.top_k) * vocab.sid_len
     max_diff = float((hf_scores - out.scores).abs().max())
 
-    print(f"catalogue {trie.num_items} items, vocab {vocab}, batch {args.batch} x history {args.history}, "
+    print(f"encoder input {rec.cfg.encoder_input} ({ids.shape[1]} positions), "
+          f"catalogue {trie.num_items} items, vocab {vocab}, batch {args.batch} x history {args.history}, "
           f"beam {args.beam}, top {args.top_k}, torch threads {torch.get_num_threads()}")
     print(f"identical top-{args.top_k} item lists: {same_rows}/{args.batch} rows; max |score diff| {max_diff:.2e}")
     print(f"HF generate (median of {args.hf_repeats}): {t_hf:.3f}s")
     print(f"digr beam_search (median of {args.repeats}): {t_ours:.3f}s")
     print(f"speed-up: {t_hf / t_ours:.1f}x")
-    print("our forward passes alone:", breakdown(model, vocab, ids, mask, args.beam))
+    print("our forward passes alone:", breakdown(model, vocab, enc_kwargs, mask, args.beam))
 
 
 if __name__ == "__main__":

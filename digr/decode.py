@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import T5ForConditionalGeneration
 
-from digr.seqmodel import PAD, SidVocab
+from digr.seqmodel import PAD, SidRecommender, SidVocab
 from digr.trie import SidTrie
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -155,10 +155,13 @@ def beam_search(
     beam_size: int = 20,
     top_k: int = 10,
     exclude: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
 ) -> BeamOutput:
     """The `top_k` best valid SIDs per history by constrained beam search of width `beam_size`.
 
     input_ids, attention_mask: (B, T) from `encode_histories` (any padding side).
+    inputs_embeds: optional (B, T, d) encoder input vectors used instead of embedding
+    `input_ids` (which then only give the shape); see `seqmodel.HistoryEmbedder`.
     exclude: optional (B, N_items) bool; items never returned for that row (e.g. already
     seen). Applied at the last step by masking leaves, so excluded items do not use up beams
     there (they can still steer earlier steps, as their prefixes are shared with others).
@@ -174,7 +177,10 @@ def beam_search(
     was_training = model.training
     model.eval()
     try:
-        enc = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, S, d)
+        if inputs_embeds is not None:
+            enc = model.encoder(inputs_embeds=inputs_embeds.to(device), attention_mask=attention_mask).last_hidden_state
+        else:
+            enc = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, S, d)
         cross = _cross_kv(model, enc)
         cross_mask = torch.zeros(attention_mask.shape, dtype=enc.dtype, device=device)
         cross_mask = cross_mask.masked_fill(attention_mask == 0, torch.finfo(enc.dtype).min)[:, None, None, :]
@@ -222,3 +228,22 @@ def beam_search(
         scores = F.pad(scores, (0, pad), value=float("-inf"))
         sids = F.pad(sids, (0, 0, 0, pad), value=-1)
     return BeamOutput(items=nodes, scores=scores, sids=sids)
+
+
+@torch.no_grad()
+def recommend(
+    model: SidRecommender,
+    trie: SidTrie,
+    histories: list[list[int]],
+    max_history: int,
+    beam_size: int = 20,
+    top_k: int = 10,
+    exclude: torch.Tensor | None = None,
+) -> BeamOutput:
+    """`beam_search` from B item_idx histories (oldest first): the last `max_history` items
+    are laid out as the model's encoder reads them. exclude: optional (B, N_items) bool."""
+    device = model.t5.lm_head.weight.device
+    input_ids, mask = (t.to(device) for t in model.batch(histories, max_history))
+    embeds = model.encoder_kwargs(input_ids, mask).get("inputs_embeds")
+    return beam_search(model.t5, trie, model.vocab, input_ids, mask, beam_size=beam_size, top_k=top_k,
+                       exclude=exclude, inputs_embeds=embeds)

@@ -79,6 +79,9 @@ def run_embed(items_uri: str, out_uri: str, cfg: EmbedConfig) -> np.ndarray:
 
     model = cfg.model or default_model_path()
     ds = ray.data.read_parquet(items_uri, columns=["item_idx", *cfg.fields])
+    # A small catalogue is one Parquet block, which would keep all but one actor idle (and Ray
+    # gives each actor one thread per CPU it reserves): split it so every actor has work.
+    ds = ds.repartition(cfg.concurrency * 4)
     ds = ds.map_batches(
         TextEmbedder,
         fn_constructor_kwargs={"model": model, "fields": cfg.fields, "max_chars": cfg.max_chars,

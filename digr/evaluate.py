@@ -55,23 +55,20 @@ class GenerativeRanker:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.vocab, self.sid_tokens = load_model(model_dir)
-        self.model.to(self.device).eval()
+        self.model = load_model(model_dir).to(self.device).eval()
         self.trie = SidTrie.from_bytes(storage.read_bytes(trie_uri)).to(self.device)
-        self.n_items = self.sid_tokens.shape[0]
+        self.n_items = self.model.n_items
         self.beam_size, self.top_k, self.exclude_seen, self.max_history = beam_size, top_k, exclude_seen, max_history
 
     def rank(self, histories: list[list[int]], seen: list[list[int]] | None = None) -> np.ndarray:
         """histories: B item_idx lists (oldest first) -> (B, top_k) int64 item_idx, EMPTY-padded."""
-        from digr.decode import beam_search
-        from digr.seqmodel import encode_histories
+        from digr.decode import recommend
 
-        input_ids, mask = encode_histories(histories, self.sid_tokens, self.max_history)
         exclude = None
         if self.exclude_seen:
             exclude = torch.from_numpy(seen_mask(seen if seen is not None else histories, self.n_items)).to(self.device)
-        out = beam_search(self.model, self.trie, self.vocab, input_ids.to(self.device), mask.to(self.device),
-                          beam_size=self.beam_size, top_k=self.top_k, exclude=exclude)
+        out = recommend(self.model, self.trie, histories, self.max_history, beam_size=self.beam_size,
+                        top_k=self.top_k, exclude=exclude)
         return out.items.cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:

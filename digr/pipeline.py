@@ -1,4 +1,7 @@
-"""The whole pipeline: ingest -> embed -> tokenize -> sft -> evaluate, in one run directory.
+"""The whole pipeline: ingest -> [images -> caption] -> [mine] -> embed -> tokenize -> sft -> evaluate.
+
+Stages in brackets run when their config says `enabled: true` (they are slow on CPU and the
+embed stage does not read their output yet), or when a job asks for them by name.
 
 Each stage is a function `(stage_dir) -> info` run through `Run.stage`, which skips it when
 its inputs, config and code are unchanged, and resumes it when it was killed part-way.
@@ -14,14 +17,17 @@ from typing import Any, Callable
 
 
 from digr import storage
+from digr.caption import CaptionConfig
 from digr.embed import EmbedConfig
 from digr.evaluate import EvalConfig
+from digr.images import ImagesConfig
 from digr.ingest import IngestConfig
+from digr.mine import MineConfig
 from digr.runs import Run, file_hash
 from digr.sft import SFTConfig
 from digr.tokenize import TokenizeConfig
 
-STAGES = ("ingest", "embed", "tokenize", "sft", "evaluate")
+STAGES = ("ingest", "images", "caption", "mine", "embed", "tokenize", "sft", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,9 @@ class RayConfig:
 @dataclass(frozen=True)
 class PipelineConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    mine: MineConfig = field(default_factory=MineConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -66,6 +75,25 @@ def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",
     try:
         inputs = {os.path.basename(p): file_hash(p) for p in stages.ingest_inputs(cfg.ingest)}
         run.stage("ingest", cfg.ingest, lambda d: stages.ingest_stage(cfg.ingest, d), inputs=inputs)
+        if until in ("images", "caption") or ("images" in wanted and cfg.images.enabled):
+            from digr.images import images_stage
+
+            run.stage("images", cfg.images, lambda d: images_stage(cfg.images, run.path("ingest"), d),
+                      depends=("ingest",))
+        if until == "caption" or ("caption" in wanted and cfg.caption.enabled):
+            from digr.caption import caption_stage
+
+            run.stage("caption", cfg.caption,
+                      lambda d: caption_stage(cfg.caption, run.path("ingest"), run.path("images"), d),
+                      depends=("ingest", "images"))
+        if until == "mine" or ("mine" in wanted and cfg.mine.enabled):
+            from digr.mine import load_prompt, mine_stage
+
+            # The reply cache sits beside the stage folder, which a changed stage key clears;
+            # the prompt's version is an input because the code hash covers *.py files only.
+            run.stage("mine", cfg.mine,
+                      lambda d: mine_stage(cfg.mine, run.path("ingest"), d, run.path("mine_cache")),
+                      depends=("ingest",), inputs={"prompt": load_prompt(cfg.mine.prompt).version})
         if "embed" in wanted:
             run.stage("embed", cfg.embed, lambda d: stages.embed_stage(cfg.embed, run.path("ingest"), d),
                       depends=("ingest",))
@@ -74,8 +102,8 @@ def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",
                       lambda d: stages.tokenize_stage(cfg.tokenize, run.path("embed"), d), depends=("embed",))
         if "sft" in wanted:
             run.stage("sft", cfg.sft,
-                      lambda d: stages.sft_stage(cfg.sft, run.path("ingest"), run.path("tokenize"), d),
-                      depends=("ingest", "tokenize"))
+                      lambda d: stages.sft_stage(cfg.sft, run.path("ingest"), run.path("embed"), run.path("tokenize"), d),
+                      depends=("ingest", "embed", "tokenize"))
         result: dict[str, Any] = {}
         if "evaluate" in wanted:
             info = run.stage("evaluate", cfg.evaluate,

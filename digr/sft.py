@@ -10,8 +10,8 @@ with the same `storage_dir`/`name` resumes: Ray Train V2 reloads its checkpoint-
 snapshot from `<storage_dir>/<name>` and hands the latest checkpoint to
 `ray.train.get_checkpoint()`; a finished run resumes into a no-op and returns its result.
 
-Artifacts of the best model: `save_model` / `load_model` (a transformers directory +
-vocab.json + the item SID codes), local or `s3://`.
+Artifacts of the best model: `save_model` / `load_model` (a transformers directory for the
+T5, `encoder_inputs.pt` for the history embedding, vocab.json + the item SID codes), local or `s3://`.
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ from transformers import T5ForConditionalGeneration, get_cosine_schedule_with_wa
 
 from digr import storage
 from digr.scaling import ScalingConfig
-from digr.seqmodel import ModelConfig, SidVocab, build_t5
+from digr.seqmodel import ModelConfig, SidRecommender, SidVocab
 from digr.sft_data import Examples, SidCollate, SidDataset, select_examples, vocab_for
 
 KEEP_CHECKPOINTS = 2  # the latest is enough to resume; one spare in case the latest write was cut
 _VALID_BATCH = 128  # histories per validation batch (beam search holds B * beam hypotheses)
 _TRAIN_STATE, _BEST_MODEL, _META = "train_state.pt", "best_model.pt", "meta.json"
+_ENCODER_INPUTS = "encoder_inputs.pt"  # SidRecommender state outside the T5 (SID table, item embedding, content)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class SFTConfig:
 
 @dataclass(frozen=True, eq=False)
 class SFTResult:
-    """model_state: the best epoch's state_dict (CPU tensors); history: one dict per epoch."""
+    """model_state: the best epoch's `SidRecommender` state_dict (CPU tensors); history: one dict per epoch."""
 
     model_state: dict[str, torch.Tensor]
     model_config: dict[str, Any]
@@ -87,19 +88,17 @@ class SFTResult:
     stopped_early: bool
     checkpoint_path: str = ""
 
-    def model(self) -> T5ForConditionalGeneration:
-        model = build_t5(self.vocab, ModelConfig(**self.model_config))
-        model.load_state_dict(self.model_state)
-        return model.eval()
+    def model(self) -> SidRecommender:
+        return SidRecommender.from_state(self.vocab, ModelConfig(**self.model_config), self.model_state).eval()
 
 
 # ---------------------------------------------------------------- pure pieces
 
 
 def sft_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the batch's (B, sid_len) target tokens (T5 shifts labels right,
-    starting the decoder from PAD)."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    """Mean cross-entropy over the batch's (B, sid_len) target tokens (`SidRecommender.forward`,
+    possibly DDP-wrapped)."""
+    return model(batch["input_ids"], batch["attention_mask"], batch["labels"])
 
 
 def seen_items(histories: list[list[int]], n_items: int) -> torch.Tensor:
@@ -112,11 +111,9 @@ def seen_items(histories: list[list[int]], n_items: int) -> torch.Tensor:
 
 @torch.no_grad()
 def validate(
-    model: T5ForConditionalGeneration,
+    model: SidRecommender,
     trie: Any,
-    vocab: SidVocab,
     valid: Examples,
-    sid_tokens: torch.Tensor,
     max_history: int,
     beam_size: int,
     exclude_seen: bool,
@@ -124,14 +121,15 @@ def validate(
 ) -> dict[str, float]:
     """Teacher-forced loss and beam-search HR@10 / NDCG@10 on `valid` rows.
 
-    sid_tokens: (N_items, sid_len) token ids. Returns {"loss", "hr@10", "ndcg@10"}.
+    Returns {"loss", "hr@10", "ndcg@10"}.
     """
     from digr.decode import beam_search
     from digr.metrics import hr_ndcg
 
     was_training = model.training
     model.eval()
-    collate = SidCollate(sid_tokens, max_history)
+    sid_tokens = model.sid_tokens.cpu()
+    collate = SidCollate(sid_tokens, max_history, model.cfg.encoder_input)
     dataset = SidDataset(valid)
     loss_sum, ranked = 0.0, []
     for start in range(0, len(dataset), _VALID_BATCH):
@@ -140,8 +138,10 @@ def validate(
         loss_sum += float(sft_step(model, batch)) * len(rows)
         # Seen items come from the kept history: the same input the model saw.
         exclude = seen_items([h[-max_history:] for h, _ in rows], sid_tokens.shape[0]) if exclude_seen else None
-        out = beam_search(model, trie, vocab, batch["input_ids"], batch["attention_mask"],
-                          beam_size=beam_size, top_k=10, exclude=exclude.to(device) if exclude is not None else None)
+        embeds = model.encoder_kwargs(batch["input_ids"], batch["attention_mask"]).get("inputs_embeds")
+        out = beam_search(model.t5, trie, model.vocab, batch["input_ids"], batch["attention_mask"],
+                          beam_size=beam_size, top_k=10, exclude=exclude.to(device) if exclude is not None else None,
+                          inputs_embeds=embeds)
         ranked.append(out.items.cpu().numpy())
     model.train(was_training)
     metrics = hr_ndcg(np.concatenate(ranked), valid.targets, ks=(10,))
@@ -229,12 +229,13 @@ def _train_loop(config: dict[str, Any]) -> None:
     sid_tokens = vocab.encode(torch.tensor(data["sids"]))  # a copy: object-store arrays are read-only
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model = build_t5(vocab, cfg.model).to(device)
+    features = torch.from_numpy(np.array(data["features"])) if data["features"] is not None else None
+    model = SidRecommender(vocab, cfg.model, sid_tokens, features).to(device)
     dataset = SidDataset(data["train"])
     # DistributedSampler pads to equal shards, so every rank runs the same number of steps.
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
-                        collate_fn=SidCollate(sid_tokens, cfg.max_history))
+                        collate_fn=SidCollate(sid_tokens, cfg.max_history, cfg.model.encoder_input))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state, best_state, saved = LoopState(), None, None
 
@@ -287,8 +288,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                                "valid_loss": None, "valid_ndcg@10": None, "valid_hr@10": None}
         stop = False
         if rank == 0 and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-            v = validate(plain, trie, vocab, data["valid"], sid_tokens, cfg.max_history, cfg.valid_beam,
-                         cfg.valid_exclude_seen, device)
+            v = validate(plain, trie, data["valid"], cfg.max_history, cfg.valid_beam, cfg.valid_exclude_seen, device)
             row.update({"valid_loss": v["loss"], "valid_ndcg@10": v["ndcg@10"], "valid_hr@10": v["hr@10"]})
             if track_best(state, v["ndcg@10"], epoch):
                 best_state = _cpu_state(plain)
@@ -317,6 +317,11 @@ def _train_loop(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def uses_features(model: ModelConfig) -> bool:
+    """Whether the model reads item content vectors (so SFT needs the embed stage's output)."""
+    return model.encoder_input == "items" and model.content_features
+
+
 def _jsonable(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
@@ -331,11 +336,14 @@ def run_sft(
     cfg: SFTConfig,
     storage_dir: str,
     name: str = "sft",
+    features: np.ndarray | None = None,
 ) -> SFTResult:
     """Train (or resume, or return the finished run at `<storage_dir>/<name>`) and return the best model.
 
     examples: user_id string, split 'train'|'valid'|'test', history list<int32> item_idx (oldest
     first), target int32. sids: (N_items, sid_len) int64 codes, row = item_idx.
+    features: (N_items, F) float32 item content vectors (the embed stage's), row = item_idx;
+    required when the model reads content features (`ModelConfig.content_features`).
     """
     import ray
     from ray.train import CheckpointConfig, RunConfig
@@ -349,7 +357,14 @@ def run_sft(
         raise ValueError(f"examples: need train and valid rows, got {len(train)} train and {len(valid)} valid")
     if cfg.scaling.num_workers > len(train):
         raise ValueError(f"sft.scaling.num_workers={cfg.scaling.num_workers} exceeds the {len(train)} train rows")
-    data = ray.put({"train": train, "valid": valid, "sids": sids, "vocab": vocab})
+    if uses_features(cfg.model):
+        if features is None or features.ndim != 2 or features.shape[0] != len(sids):
+            got = None if features is None else features.shape
+            raise ValueError(f"sft.model.content_features needs features of shape (N_items={len(sids)}, F), got {got}")
+        features = np.ascontiguousarray(features, dtype=np.float32)
+    else:
+        features = None
+    data = ray.put({"train": train, "valid": valid, "sids": sids, "vocab": vocab, "features": features})
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"cfg": cfg, "data": data},
@@ -378,51 +393,54 @@ def run_sft(
 # ---------------------------------------------------------------- model artifacts
 
 
-def save_model(
-    model: SFTResult | T5ForConditionalGeneration, sids: np.ndarray, path: str, vocab: SidVocab | None = None
-) -> None:
-    """Write `path/` (local or s3://): the transformers directory (save_pretrained), vocab.json
-    (vocabulary + file list) and sids.npy, the (N_items, sid_len) int64 codes, row = item_idx.
-
-    model: an `SFTResult` (its best model and vocab) or a T5 plus `vocab`.
+def save_model(model: SFTResult | SidRecommender, path: str) -> None:
+    """Write `path/` (local or s3://): the T5 as a transformers directory (save_pretrained),
+    `encoder_inputs.pt` (the rest of the `SidRecommender` state: SID tokens, item embedding,
+    content projection and features), sids.npy (the (N_items, sid_len) int64 codes, row =
+    item_idx, for other tools) and vocab.json (vocabulary, model config, file list).
     """
     import io
 
     if isinstance(model, SFTResult):
-        vocab, model = model.vocab, model.model()
-    if vocab is None:
-        raise ValueError("save_model: pass vocab with a bare T5 model")
-    sids = np.asarray(sids, dtype=np.int64)
-    if sids.ndim != 2 or sids.shape[1] != vocab.sid_len:
-        raise ValueError(f"save_model: sids must be (N_items, sid_len={vocab.sid_len}), got shape {sids.shape}")
+        model = model.model()
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        model.t5.save_pretrained(tmp)
         files = sorted(os.listdir(tmp))
         for fname in files:
             with open(os.path.join(tmp, fname), "rb") as f:
                 storage.write_bytes(storage.join(path, fname), f.read())
+    rest = {k: v for k, v in model.state_dict().items() if not k.startswith("t5.")}
     buf = io.BytesIO()
-    np.save(buf, sids)
+    torch.save(rest, buf)
+    storage.write_bytes(storage.join(path, _ENCODER_INPUTS), buf.getvalue())
+    buf = io.BytesIO()
+    np.save(buf, model.vocab.decode(model.sid_tokens.cpu()).numpy())
     storage.write_bytes(storage.join(path, "sids.npy"), buf.getvalue())
     # Written last: load_model treats a directory without vocab.json as unfinished.
-    storage.write_json(storage.join(path, "vocab.json"), {"vocab": dataclasses.asdict(vocab), "model_files": files})
+    storage.write_json(storage.join(path, "vocab.json"), {
+        "vocab": dataclasses.asdict(model.vocab), "model_config": dataclasses.asdict(model.cfg),
+        "model_files": files,
+    })
 
 
-def load_model(path: str) -> tuple[T5ForConditionalGeneration, SidVocab, torch.Tensor]:
-    """Read what `save_model` wrote. Returns (model in eval mode, vocab, sid_tokens (N_items, sid_len) int64)."""
+def load_model(path: str) -> SidRecommender:
+    """Read what `save_model` wrote: the `SidRecommender` in eval mode (`.t5`, `.vocab`, `.sid_tokens`)."""
     import io
 
     if not storage.exists(storage.join(path, "vocab.json")):
         raise FileNotFoundError(f"no saved SFT model at {path} (vocab.json missing)")
     meta = storage.read_json(storage.join(path, "vocab.json"))
+    if "model_config" not in meta:
+        raise ValueError(f"{path}: saved by an older digr (no model_config in vocab.json); re-run the sft stage")
     vocab = SidVocab(**meta["vocab"])
     with tempfile.TemporaryDirectory() as tmp:
         for fname in meta["model_files"]:
             with open(os.path.join(tmp, fname), "wb") as f:
                 f.write(storage.read_bytes(storage.join(path, fname)))
-        model = T5ForConditionalGeneration.from_pretrained(tmp)
-    sids = np.load(io.BytesIO(storage.read_bytes(storage.join(path, "sids.npy"))))
-    if model.config.vocab_size != vocab.vocab_size or sids.shape[1] != vocab.sid_len:
-        raise ValueError(f"{path}: model vocab_size {model.config.vocab_size} / sids {sids.shape} "
-                         f"do not match vocab.json {vocab}")
-    return model.eval(), vocab, vocab.encode(torch.from_numpy(sids))
+        t5 = T5ForConditionalGeneration.from_pretrained(tmp)
+    rest = torch.load(io.BytesIO(storage.read_bytes(storage.join(path, _ENCODER_INPUTS))), map_location="cpu")
+    if t5.config.vocab_size != vocab.vocab_size or rest["sid_tokens"].shape[1] != vocab.sid_len:
+        raise ValueError(f"{path}: model vocab_size {t5.config.vocab_size} / sid_tokens "
+                         f"{tuple(rest['sid_tokens'].shape)} do not match vocab.json {vocab}")
+    state = {**{f"t5.{k}": v for k, v in t5.state_dict().items()}, **rest}
+    return SidRecommender.from_state(vocab, ModelConfig(**meta["model_config"]), state).eval()

@@ -7,7 +7,8 @@ histories in pyarrow's list layout (values + offsets), so a 100k-row split ships
 Train workers as three flat int arrays instead of 100k Python lists.
 
 One training pair (TIGER, Rajput et al. 2023):
-    encoder input = SID tokens of the last `max_history` history items, flattened, + EOS
+    encoder input = the last `max_history` history items: their item indices, one position
+                    each ("items"), or their SID tokens flattened + EOS ("sid_tokens")
     labels        = the target's `sid_len` SID tokens (fixed length, so no EOS)
 """
 
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from digr.seqmodel import SidVocab, encode_histories
+from digr.seqmodel import SidVocab, history_inputs
 
 SPLITS = ("train", "valid", "test")
 COLUMNS = ("user_id", "split", "history", "target")
@@ -147,18 +148,20 @@ class SidCollate:
     """A batch of (history, target) -> tensors, padded to the batch's longest history.
 
     sid_tokens: (N_items, sid_len) int64 token ids (`vocab.encode(sids)`).
-    Returns input_ids (B, T) and attention_mask (B, T) with T = longest_kept_history * sid_len + 1,
-    labels (B, sid_len) token ids and targets (B,) item_idx.
+    Returns input_ids (B, T) and attention_mask (B, T) as `seqmodel.history_inputs` lays them
+    out for `encoder_input` (T = longest kept history for "items", that * sid_len + 1 for
+    "sid_tokens"), labels (B, sid_len) token ids and targets (B,) item_idx.
     """
 
-    def __init__(self, sid_tokens: torch.Tensor, max_history: int) -> None:
+    def __init__(self, sid_tokens: torch.Tensor, max_history: int, encoder_input: str = "items") -> None:
         self.sid_tokens = sid_tokens
         self.max_history = max_history
+        self.encoder_input = encoder_input
 
     def __call__(self, batch: list[tuple[list[int], int]]) -> dict[str, Any]:
         histories = [h for h, _ in batch]
         targets = torch.tensor([t for _, t in batch], dtype=torch.long)
-        input_ids, attention_mask = encode_histories(histories, self.sid_tokens, self.max_history)
+        input_ids, attention_mask = history_inputs(histories, self.sid_tokens, self.max_history, self.encoder_input)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

