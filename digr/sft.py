@@ -259,7 +259,9 @@ def _train_loop(config: dict[str, Any]) -> None:
     if saved is not None:
         scheduler.load_state_dict(saved["scheduler"])  # the step count; the lambda is the new one
 
-    model = ray.train.torch.prepare_model(model)  # DDP when world > 1 (gloo on CPU, nccl on GPU)
+    # DDP when world > 1 (gloo on CPU, nccl on GPU). The buffers (SID table, content vectors)
+    # are the same constants on every rank: no need to re-broadcast megabytes every step.
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     plain = model.module if hasattr(model, "module") else model
     trie = SidTrie.from_codes(data["sids"], vocab).to(device) if rank == 0 else None
     epoch_seconds = [r["seconds"] for r in state.history]
