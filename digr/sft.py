@@ -123,7 +123,7 @@ def validate(
 
     Returns {"loss", "hr@10", "ndcg@10"}.
     """
-    from digr.decode import beam_search
+    from digr.decode import recommend
     from digr.metrics import hr_ndcg
 
     was_training = model.training
@@ -138,10 +138,8 @@ def validate(
         loss_sum += float(sft_step(model, batch)) * len(rows)
         # Seen items come from the kept history: the same input the model saw.
         exclude = seen_items([h[-max_history:] for h, _ in rows], sid_tokens.shape[0]) if exclude_seen else None
-        embeds = model.encoder_kwargs(batch["input_ids"], batch["attention_mask"]).get("inputs_embeds")
-        out = beam_search(model.t5, trie, model.vocab, batch["input_ids"], batch["attention_mask"],
-                          beam_size=beam_size, top_k=10, exclude=exclude.to(device) if exclude is not None else None,
-                          inputs_embeds=embeds)
+        out = recommend(model, trie, [h for h, _ in rows], max_history, beam_size=beam_size, top_k=10,
+                        exclude=exclude.to(device) if exclude is not None else None)
         ranked.append(out.items.cpu().numpy())
     model.train(was_training)
     metrics = hr_ndcg(np.concatenate(ranked), valid.targets, ks=(10,))
