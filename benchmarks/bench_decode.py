@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import T5ForConditionalGeneration
 
-from digr.decode import _cross_kv, _decoder_step, recommend
+from digr.decode import Cache, _cross_kv, _decoder_step, recommend
 from digr.seqmodel import ENCODER_INPUTS, PAD, ModelConfig, SidRecommender, SidVocab
 from digr.sft import load_model
 from digr.trie import SidTrie
@@ -75,16 +75,14 @@ def breakdown(model: T5ForConditionalGeneration, vocab: SidVocab, enc_kwargs: di
     cross_mask = torch.zeros(mask.shape).masked_fill(mask == 0, torch.finfo(enc.dtype).min)[:, None, None, :]
     parts = [f"encoder+cross K/V {time.perf_counter() - t0:.3f}s"]
     b = mask.shape[0]
-    att = model.decoder.block[0].layer[0].SelfAttention
-    empty = enc.new_zeros(b, att.n_heads, 0, att.key_value_proj_dim)
-    past = [(empty, empty)] * len(model.decoder.block)
+    past: list[Cache] = [([], []) for _ in model.decoder.block]
     tokens = torch.full((b, 1), PAD, dtype=torch.long)
     for step in range(vocab.sid_len):
         t0 = time.perf_counter()
-        _, past = _decoder_step(model, tokens, past, cross, cross_mask)
+        _decoder_step(model, tokens, past, cross, cross_mask)
         parts.append(f"step{step} ({tokens.numel()} rows) {time.perf_counter() - t0:.3f}s")
         src = torch.arange(b).repeat_interleave(beam) if step == 0 else torch.arange(b * beam)
-        past = [(k.index_select(0, src), v.index_select(0, src)) for k, v in past]
+        past = [([k.index_select(0, src) for k in pk], [v.index_select(0, src) for v in pv]) for pk, pv in past]
         tokens = torch.full((b, beam), vocab.level_offset(step), dtype=torch.long)
     return ", ".join(parts)
 

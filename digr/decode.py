@@ -33,6 +33,7 @@ from digr.seqmodel import PAD, SidRecommender, SidVocab
 from digr.trie import SidTrie
 
 KV = tuple[torch.Tensor, torch.Tensor]
+Cache = tuple[list[torch.Tensor], list[torch.Tensor]]  # per-position keys, values
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,48 +74,58 @@ def _cross_kv(model: T5ForConditionalGeneration, enc: torch.Tensor) -> list[KV]:
 def _decoder_step(
     model: T5ForConditionalGeneration,
     tokens: torch.Tensor,
-    past: list[KV],
+    past: list[Cache],
     cross: list[KV],
     cross_mask: torch.Tensor,
-) -> tuple[torch.Tensor, list[KV]]:
-    """One cached decoder step for W beams per history.
+) -> torch.Tensor:
+    """One cached decoder step for W beams per history; appends this step's keys/values to `past`.
 
-    tokens: (B, W) int64, the token each beam consumes now.
-    past: per layer self-attention (keys, values), each (B * W, H, t, dk), beam-major rows.
-    cross: per layer (keys, values), each (B, H, S, dk); cross_mask: (B, 1, 1, S) additive.
-    Returns logits (B, W, V) for the next token and `past` extended to t + 1 positions.
+    tokens: (B, W) int64, the token each beam consumes now (at position t = len(past[0][0])).
+    past: per layer (keys, values), each a list of t tensors (B * W, H, dk), one per earlier
+    position, beam-major rows. cross: per layer (keys, values), each (B, H, S, dk);
+    cross_mask: (B, 1, 1, S) additive. Returns logits (B, W, V) for the next token.
     Mirrors T5Stack/T5Block in eval mode (dropout is the identity there).
+
+    Attention is written out by hand: with one query over at most sid_len keys (self) or W
+    queries over S keys (cross), the products are tiny and a fused SDPA kernel's fixed cost per
+    call outweighs them; keeping the cache as one tensor per position also avoids re-copying
+    the whole cache with `cat` at every step.
     """
     dec = model.decoder
     b, w = tokens.shape
-    h = dec.embed_tokens(tokens).view(b * w, 1, -1)  # (B*W, 1, d)
-    t = past[0][0].shape[2]
+    h = dec.embed_tokens(tokens).view(b * w, -1)  # (N, d), N = B * W
+    t = len(past[0][0])
     # T5 shares layer 0's relative position bias across layers; one query at position t.
-    self_bias = dec.block[0].layer[0].SelfAttention.compute_bias(1, t + 1, device=h.device, past_seen_tokens=t)
-    new_past: list[KV] = []
+    bias = dec.block[0].layer[0].SelfAttention.compute_bias(1, t + 1, device=h.device, past_seen_tokens=t)
+    bias = bias.view(-1, t + 1).to(h.dtype)  # (H, t + 1)
     for block, (pk, pv), (ck, cv) in zip(dec.block, past, cross):
         sa = block.layer[0]
         att = sa.SelfAttention
         x = sa.layer_norm(h)
-        q = _heads(att.q(x), att.n_heads)
-        k = torch.cat([pk, _heads(att.k(x), att.n_heads)], dim=2)
-        v = torch.cat([pv, _heads(att.v(x), att.n_heads)], dim=2)
-        new_past.append((k, v))
-        # T5 does not scale q.k (scale=1); the single new query may see every past position.
-        h = h + att.o(_merge(F.scaled_dot_product_attention(q, k, v, attn_mask=self_bias.to(q.dtype), scale=1.0)))
+        n_heads = att.n_heads
+        q, k, v = (proj(x).view(b * w, n_heads, -1) for proj in (att.q, att.k, att.v))  # (N, H, dk)
+        pk.append(k)
+        pv.append(v)
+        # T5 does not scale q.k; the single new query may see every past position.
+        logits = torch.stack([(q * kp).sum(-1) for kp in pk], dim=-1) + bias  # (N, H, t + 1)
+        weights = torch.softmax(logits, dim=-1)
+        o = weights[..., 0, None] * pv[0]
+        for p in range(1, t + 1):
+            o = o + weights[..., p, None] * pv[p]
+        h = h + att.o(o.view(b * w, -1))
 
         ca = block.layer[1]
         att = ca.EncDecAttention
         x = ca.layer_norm(h).view(b, w, -1)  # the W beams become W query positions of one row
         q = _heads(att.q(x), att.n_heads)  # (B, H, W, dk)
-        o = F.scaled_dot_product_attention(q, ck, cv, attn_mask=cross_mask, scale=1.0)
-        h = h + att.o(_merge(o)).view(b * w, 1, -1)
+        weights = torch.softmax(q @ ck.transpose(-1, -2) + cross_mask, dim=-1)  # (B, H, W, S)
+        h = h + att.o(_merge(weights @ cv)).view(b * w, -1)
 
         h = block.layer[2](h)  # feed-forward with its residual
     h = dec.final_layer_norm(h)
     if getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings):
         h = h * (model.config.d_model**-0.5)
-    return model.lm_head(h).view(b, w, -1), new_past
+    return model.lm_head(h).view(b, w, -1)
 
 
 def _check_inputs(
@@ -186,9 +197,7 @@ def beam_search(
         cross_mask = cross_mask.masked_fill(attention_mask == 0, torch.finfo(enc.dtype).min)[:, None, None, :]
 
         b = input_ids.shape[0]
-        att0 = model.decoder.block[0].layer[0].SelfAttention
-        empty = enc.new_zeros(b, att0.n_heads, 0, att0.key_value_proj_dim)
-        past: list[KV] = [(empty, empty)] * len(model.decoder.block)
+        past: list[Cache] = [([], []) for _ in model.decoder.block]
         tokens = torch.full((b, 1), PAD, dtype=torch.long, device=device)  # T5's decoder start
         scores = torch.zeros(b, 1, device=device)  # (B, W): W = 1 until the first choice
         nodes = torch.zeros(b, 1, dtype=torch.long, device=device)  # trie node of each beam
@@ -196,7 +205,7 @@ def beam_search(
         rows = torch.arange(b, device=device).unsqueeze(1)
         for level in range(vocab.sid_len):
             last = level == vocab.sid_len - 1
-            logits, past = _decoder_step(model, tokens, past, cross, cross_mask)
+            logits = _decoder_step(model, tokens, past, cross, cross_mask)
             w, size, offset = tokens.shape[1], vocab.level_size(level), vocab.level_offset(level)
             # Normalise over the full vocabulary first, then keep this level's token range:
             # the same numbers HF's constrained beam search adds up.
@@ -215,7 +224,7 @@ def beam_search(
             nodes = nodes.masked_fill(torch.isinf(scores), -1)  # dead beams (masked picks) hold no prefix
             if not last:
                 src = (rows * w + beam).view(-1)  # reorder the self-attention cache by beam
-                past = [(pk.index_select(0, src), pv.index_select(0, src)) for pk, pv in past]
+                past = [([k.index_select(0, src) for k in pk], [v.index_select(0, src) for v in pv]) for pk, pv in past]
                 tokens = code + offset
     finally:
         model.train(was_training)
