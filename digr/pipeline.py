@@ -1,7 +1,8 @@
-"""The whole pipeline: ingest -> [images -> caption] -> [mine] -> embed -> tokenize -> sft -> evaluate.
+"""The whole pipeline: ingest -> [images -> caption] -> [mine -> label] -> embed -> tokenize -> sft -> evaluate.
 
-Stages in brackets run when their config says `enabled: true` (they are slow on CPU and the
-embed stage does not read their output yet), or when a job asks for them by name.
+Stages in brackets run when their config says `enabled: true`, when a job asks for them by
+name, or when the embed stage reads their output (`embed.evidence`: "caption", "intents";
+IEID). They are off by default because they are slow on 2 CPU cores.
 
 Each stage is a function `(stage_dir) -> info` run through `Run.stage`, which skips it when
 its inputs, config and code are unchanged, and resumes it when it was killed part-way.
@@ -22,12 +23,13 @@ from digr.embed import EmbedConfig
 from digr.evaluate import EvalConfig
 from digr.images import ImagesConfig
 from digr.ingest import IngestConfig
+from digr.label import LabelConfig
 from digr.mine import MineConfig
 from digr.runs import Run, file_hash
 from digr.sft import SFTConfig
 from digr.tokenize import TokenizeConfig
 
-STAGES = ("ingest", "images", "caption", "mine", "embed", "tokenize", "sft", "evaluate")
+STAGES = ("ingest", "images", "caption", "mine", "label", "embed", "tokenize", "sft", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class PipelineConfig:
     images: ImagesConfig = field(default_factory=ImagesConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     mine: MineConfig = field(default_factory=MineConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)  # runs whenever mine does
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -75,18 +78,22 @@ def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",
     try:
         inputs = {os.path.basename(p): file_hash(p) for p in stages.ingest_inputs(cfg.ingest)}
         run.stage("ingest", cfg.ingest, lambda d: stages.ingest_stage(cfg.ingest, d), inputs=inputs)
-        if until in ("images", "caption") or ("images" in wanted and cfg.images.enabled):
+        # Evidence stages run when enabled, when a job asks for them, or when embed reads them (IEID).
+        needs_caption = "caption" in cfg.embed.evidence and "embed" in wanted
+        needs_intents = "intents" in cfg.embed.evidence and "embed" in wanted
+        if until in ("images", "caption") or ("images" in wanted and (cfg.images.enabled or needs_caption)):
             from digr.images import images_stage
 
             run.stage("images", cfg.images, lambda d: images_stage(cfg.images, run.path("ingest"), d),
                       depends=("ingest",))
-        if until == "caption" or ("caption" in wanted and cfg.caption.enabled):
+        if until == "caption" or ("caption" in wanted and (cfg.caption.enabled or needs_caption)):
             from digr.caption import caption_stage
 
             run.stage("caption", cfg.caption,
                       lambda d: caption_stage(cfg.caption, run.path("ingest"), run.path("images"), d),
                       depends=("ingest", "images"))
-        if until == "mine" or ("mine" in wanted and cfg.mine.enabled):
+        mine_runs = until in ("mine", "label") or ("mine" in wanted and (cfg.mine.enabled or needs_intents))
+        if mine_runs:
             from digr.mine import load_prompt, mine_stage
 
             # The reply cache sits beside the stage folder, which a changed stage key clears;
@@ -94,9 +101,19 @@ def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",
             run.stage("mine", cfg.mine,
                       lambda d: mine_stage(cfg.mine, run.path("ingest"), d, run.path("mine_cache")),
                       depends=("ingest",), inputs={"prompt": load_prompt(cfg.mine.prompt).version})
+        if mine_runs and "label" in wanted:
+            from digr.label import label_stage
+
+            judges = {"judge_prompt": load_prompt(cfg.label.judge_prompt).version} if cfg.label.judges else {}
+            run.stage("label", cfg.label, lambda d: label_stage(cfg.label, run.path("ingest"), run.path("mine"), d),
+                      depends=("ingest", "mine"), inputs=judges)
         if "embed" in wanted:
-            run.stage("embed", cfg.embed, lambda d: stages.embed_stage(cfg.embed, run.path("ingest"), d),
-                      depends=("ingest",))
+            evidence = (("caption",) if needs_caption else ()) + (("mine", "label") if needs_intents else ())
+            run.stage("embed", cfg.embed,
+                      lambda d: stages.embed_stage(
+                          cfg.embed, run.path("ingest"), d, run.path("caption") if needs_caption else None,
+                          run.path("mine") if needs_intents else None, run.path("label") if needs_intents else None),
+                      depends=("ingest", *evidence))
         if "tokenize" in wanted:
             run.stage("tokenize", cfg.tokenize,
                       lambda d: stages.tokenize_stage(cfg.tokenize, run.path("embed"), d), depends=("embed",))

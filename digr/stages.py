@@ -2,7 +2,8 @@
 
 Artifacts (every path relative to the run directory; local or s3://):
 - ingest/   items.parquet, sequences.parquet, examples.parquet, quarantine.parquet (schemas in digr.ingest)
-- embed/    embeddings/*.parquet: item_idx int32, embedding list<float32>
+- embed/    embeddings/*.parquet: item_idx int32, embedding list<float32>; with evidence also
+            items_evidence.parquet (items + caption / intents text), content/, interest/
 - tokenize/ sids.parquet (item_idx, sid list<int32>), rqvae.pt (state dict), trie.npz, tokenizer.json
             (stats: collision rate before the suffix, usage per level, codebook_version; loss history)
 - sft/      model/ (transformers directory + vocab), history.json, ray/ (Ray Train checkpoints)
@@ -15,10 +16,11 @@ import io
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from digr import storage
-from digr.embed import EmbedConfig, load_embeddings, run_embed
+from digr.embed import EmbedConfig, load_embeddings, run_embed, with_evidence
 from digr.evaluate import EvalConfig, rank_generative, rank_popularity, score, start_sasrec, test_rows
 from digr.ingest import IngestConfig, ingest, input_files
 from digr.metrics import EMPTY, write_predictions
@@ -48,10 +50,37 @@ def ingest_stage(cfg: IngestConfig, out: str) -> dict[str, Any]:
     return {"rows": rows, "stats": res.stats}
 
 
-def embed_stage(cfg: EmbedConfig, ingest_dir: str, out: str) -> dict[str, Any]:
-    storage.delete_dir(storage.join(out, "embeddings"))  # a killed run's partial files; Ray Data appends
-    emb = run_embed(storage.join(ingest_dir, "items.parquet"), storage.join(out, "embeddings"), cfg)
-    return {"rows": {"items": int(emb.shape[0])}, "stats": {"dim": int(emb.shape[1])}}
+def embed_stage(cfg: EmbedConfig, ingest_dir: str, out: str, caption_dir: str | None = None,
+                mine_dir: str | None = None, label_dir: str | None = None) -> dict[str, Any]:
+    """Text (+ caption) vectors; with evidence "intents", [content ; w * interest] (digr.embed)."""
+    items_uri = storage.join(ingest_dir, "items.parquet")
+    stats: dict[str, Any] = {"evidence": list(cfg.evidence)}
+    fields = cfg.fields
+    if cfg.evidence:
+        items = storage.read_table(items_uri)
+        captions = storage.read_table(storage.join(caption_dir, "captions.parquet")) if "caption" in cfg.evidence else None
+        intents = labels = None
+        if "intents" in cfg.evidence:
+            intents = storage.read_table(storage.join(mine_dir, "intents.parquet"))
+            if label_dir and storage.exists(storage.join(label_dir, "labels.parquet")):
+                labels = storage.read_table(storage.join(label_dir, "labels.parquet"))
+        items, stats["items_without_intents"] = with_evidence(items, captions, intents, labels, cfg.fields, cfg.max_chars)
+        items_uri = storage.join(out, "items_evidence.parquet")
+        storage.write_table(items_uri, items)
+        fields = (*cfg.fields, "caption") if captions is not None else cfg.fields
+    for part in ("embeddings", "content", "interest"):
+        storage.delete_dir(storage.join(out, part))  # a killed run's partial files; Ray Data appends
+    if "intents" not in cfg.evidence:
+        emb = run_embed(items_uri, storage.join(out, "embeddings"), cfg, fields)
+    else:
+        content = run_embed(items_uri, storage.join(out, "content"), cfg, fields)
+        interest = run_embed(items_uri, storage.join(out, "interest"), cfg, ("intents",))
+        emb = np.concatenate([content, cfg.interest_weight * interest], axis=1).astype(np.float32)
+        storage.write_table(storage.join(out, "embeddings", "part-0.parquet"), pa.table({
+            "item_idx": pa.array(np.arange(len(emb)), pa.int32()),
+            "embedding": pa.array(list(emb), pa.list_(pa.float32()))}))
+    stats["dim"] = int(emb.shape[1])
+    return {"rows": {"items": int(emb.shape[0])}, "stats": stats}
 
 
 def tokenize_stage(cfg: TokenizeConfig, embed_dir: str, out: str) -> dict[str, Any]:

@@ -45,3 +45,70 @@ def test_run_embed_on_ray_orders_rows_by_item_idx(ray_local, tmp_path) -> None:
     row = {"item_idx": np.array([3]), "title": np.array([titles[3]]), "brand": np.array([""]),
            "categories": np.array(["x"]), "description": np.array([""])}
     assert np.allclose(emb[3], direct(row)["embedding"][0], atol=1e-5)
+
+
+# ---------------------------------------------------------------- IEID: evidence before quantisation
+
+
+def _evidence_tables() -> tuple[pa.Table, pa.Table, pa.Table, pa.Table]:
+    from digr.mine import INTENTS_SCHEMA
+
+    items = pa.table({"item_idx": pa.array([0, 1, 2], pa.int32()), "item_id": ["a", "b", "c"],
+                      "title": ["Pipette", "Goggles", "Beaker"], "brand": ["", "", ""],
+                      "categories": ["Lab", "Lab", "Lab"], "description": ["", "", ""]})
+    captions = pa.table({"item_idx": pa.array([1, 0], pa.int32()), "caption": ["safety glasses on a desk", None]})
+
+    def ds(*pairs: tuple[str, float]) -> list[dict]:
+        return [{"intent": t, "confidence": c, "models": ["m"]} for t, c in pairs]
+    intents = pa.table({"item_idx": pa.array([0, 1, 2], pa.int32()), "item_id": ["a", "b", "c"],
+                        "intents": [ds(("measure tiny volumes", 0.4), ("run lab assays", 0.9)),
+                                    ds(("pipette", 0.9)), []],
+                        "status": ["ok", "ok", "failed"], "notes": [[], [], []]}, schema=INTENTS_SCHEMA)
+    labels = pa.table({"item_id": ["a", "a", "b"], "intent": ["measure tiny volumes", "run lab assays", "pipette"],
+                       "label": pa.array([1, 1, 0], pa.int8())})
+    return items, captions, intents, labels
+
+
+def test_with_evidence_adds_captions_and_kept_intents_and_counts_fallbacks() -> None:
+    from digr.embed import with_evidence
+
+    items, captions, intents, labels = _evidence_tables()
+    out, fallback = with_evidence(items, captions, intents, labels, ("title", "categories"))
+    assert out["caption"].to_pylist() == ["", "safety glasses on a desk", ""]
+    # most confident first; b's only intent is labelled bad and c has none: both fall back to their text
+    assert out["intents"].to_pylist() == ["run lab assays; measure tiny volumes", "Title: Goggles. Categories: Lab",
+                                          "Title: Beaker. Categories: Lab"]
+    assert fallback == 2
+    unlabelled, fallback = with_evidence(items, None, intents, None, ("title",))
+    assert "caption" not in unlabelled.column_names and unlabelled["intents"][1].as_py() == "pipette" and fallback == 1
+
+
+def test_embed_stage_with_intents_concatenates_content_and_weighted_interest(ray_local, tmp_path) -> None:
+    from digr.embed import load_embeddings
+    from digr.stages import embed_stage
+
+    items, captions, intents, labels = _evidence_tables()
+    for name, table in (("ingest/items", items), ("caption/captions", captions), ("mine/intents", intents),
+                        ("label/labels", labels)):
+        storage.write_table(str(tmp_path / f"{name}.parquet"), table)
+    cfg = EmbedConfig(evidence=("caption", "intents"), interest_weight=0.5, batch_size=2)
+    info = embed_stage(cfg, str(tmp_path / "ingest"), str(tmp_path / "embed"), str(tmp_path / "caption"),
+                       str(tmp_path / "mine"), str(tmp_path / "label"))
+    assert info["stats"] == {"evidence": ["caption", "intents"], "items_without_intents": 2, "dim": 768}
+    emb = load_embeddings(str(tmp_path / "embed" / "embeddings"))
+    assert emb.shape == (3, 768)
+    np.testing.assert_allclose(np.linalg.norm(emb[:, :384], axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(emb[:, 384:], axis=1), 0.5, atol=1e-5)
+    direct = TextEmbedder(default_model_path(), ("intents",), 2000, 128, device="cpu")
+    want = direct({"item_idx": np.array([0]), "intents": np.array(["run lab assays; measure tiny volumes"])})
+    np.testing.assert_allclose(emb[0, 384:], 0.5 * want["embedding"][0], atol=1e-5)
+    with_caption = TextEmbedder(default_model_path(), ("title", "brand", "categories", "description", "caption"),
+                                2000, 128, device="cpu")
+    row1 = {k: np.array([v]) for k, v in {"item_idx": 1, "title": "Goggles", "brand": "", "categories": "Lab",
+                                         "description": "", "caption": "safety glasses on a desk"}.items()}
+    np.testing.assert_allclose(emb[1, :384], with_caption(row1)["embedding"][0], atol=1e-5)
+
+
+def test_evidence_switch_names_bad_values() -> None:
+    with pytest.raises(ValueError, match="embed.evidence"):
+        EmbedConfig(evidence=("image_tags",))
