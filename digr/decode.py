@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import T5ForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutput
 
 from digr.seqmodel import PAD, SidRecommender, SidVocab
 from digr.trie import SidTrie
@@ -256,3 +257,100 @@ def recommend(
     embeds = model.encoder_kwargs(input_ids, mask).get("inputs_embeds")
     return beam_search(model.t5, trie, model.vocab, input_ids, mask, beam_size=beam_size, top_k=top_k,
                        exclude=exclude, inputs_embeds=embeds)
+
+
+@dataclass(frozen=True, eq=False)
+class SampleOutput:
+    """G sampled SIDs per history. items: (B, G) int64 item index; sids: (B, G, sid_len) codes."""
+
+    items: torch.Tensor
+    sids: torch.Tensor
+
+
+@torch.no_grad()
+def sample(
+    model: SidRecommender,
+    trie: SidTrie,
+    histories: list[list[int]],
+    max_history: int,
+    num_samples: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> SampleOutput:
+    """`num_samples` SIDs per history by ancestral sampling under the trie (GRPO rollouts).
+
+    At each level the next code is drawn from softmax(logits / temperature) restricted to that
+    level's codes the trie allows after the prefix so far, the same masked distribution
+    `constrained_logprobs` scores; so every sample is a valid SID (an item). Samples of one
+    history are independent and may repeat. Runs in eval mode (no dropout).
+    """
+    if num_samples < 1 or not temperature > 0:
+        raise ValueError(f"need num_samples >= 1 and temperature > 0, got {num_samples}, {temperature}")
+    t5, vocab = model.t5, model.vocab
+    device = t5.lm_head.weight.device
+    if trie.children[0].device != device:
+        trie = trie.to(device)
+    input_ids, mask = (t.to(device) for t in model.batch(histories, max_history))
+    was_training = model.training
+    model.eval()
+    try:
+        enc = t5.encoder(**model.encoder_kwargs(input_ids, mask), attention_mask=mask).last_hidden_state
+        cross = _cross_kv(t5, enc)
+        cross_mask = torch.zeros(mask.shape, dtype=enc.dtype, device=device)
+        cross_mask = cross_mask.masked_fill(mask == 0, torch.finfo(enc.dtype).min)[:, None, None, :]
+        b, g = len(histories), num_samples
+        past: list[Cache] = [([], []) for _ in t5.decoder.block]
+        tokens = torch.full((b, 1), PAD, dtype=torch.long, device=device)
+        nodes = torch.zeros(b * g, dtype=torch.long, device=device)
+        codes = []
+        for level in range(vocab.sid_len):
+            logits = _decoder_step(t5, tokens, past, cross, cross_mask)  # (B, W, V)
+            if level == 0:  # all samples share the first step; fan out to G rows per history
+                logits = logits.expand(b, g, -1)
+                src = torch.arange(b, device=device).repeat_interleave(g)
+                past = [([k.index_select(0, src) for k in pk], [v.index_select(0, src) for v in pv]) for pk, pv in past]
+            offset, size = vocab.level_offset(level), vocab.level_size(level)
+            lv = logits[..., offset:offset + size].reshape(b * g, size).float() / temperature
+            lv = lv.masked_fill(~trie.allowed(level, nodes), float("-inf"))
+            code = torch.multinomial(torch.softmax(lv, dim=-1), 1, generator=generator).squeeze(-1)  # (B*G,)
+            codes.append(code)
+            nodes = trie.step(level, nodes, code)
+            tokens = (code + offset).view(b, g)
+    finally:
+        model.train(was_training)
+    return SampleOutput(items=nodes.view(b, g), sids=torch.stack(codes, dim=-1).view(b, g, vocab.sid_len))
+
+
+def constrained_logprobs(
+    model: SidRecommender,
+    trie: SidTrie,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    sids: torch.Tensor,
+) -> torch.Tensor:
+    """Teacher-forced log-probs of given SIDs under the trie-masked, per-level softmax that
+    `sample` draws from (temperature 1), with gradients.
+
+    input_ids, attention_mask: (B, T) from `model.batch`; sids: (B, G, sid_len) codes of valid
+    SIDs. The encoder runs once per history; its output is shared by the G sequences.
+    Returns (B, G, sid_len) float32: log p(code_l | history, codes_<l).
+    """
+    t5, vocab = model.t5, model.vocab
+    b, g, length = sids.shape
+    enc = t5.encoder(**model.encoder_kwargs(input_ids, attention_mask), attention_mask=attention_mask)
+    hidden = enc.last_hidden_state.repeat_interleave(g, dim=0)  # (B*G, S, d)
+    flat = sids.reshape(b * g, length)
+    tokens = vocab.encode(flat)
+    decoder_in = torch.cat([torch.full_like(tokens[:, :1], PAD), tokens[:, :-1]], dim=1)
+    logits = t5(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=attention_mask.repeat_interleave(g, dim=0),
+                decoder_input_ids=decoder_in).logits  # (B*G, L, V)
+    out = []
+    nodes = torch.zeros(b * g, dtype=torch.long, device=sids.device)
+    for level in range(length):
+        offset, size = vocab.level_offset(level), vocab.level_size(level)
+        lv = logits[:, level, offset:offset + size].float().masked_fill(~trie.allowed(level, nodes), float("-inf"))
+        out.append(torch.log_softmax(lv, dim=-1).gather(1, flat[:, level:level + 1]).squeeze(1))
+        nodes = trie.step(level, nodes, flat[:, level])
+    if bool((nodes < 0).any()):
+        raise ValueError("constrained_logprobs: some sids are not valid SIDs of this trie")
+    return torch.stack(out, dim=-1).view(b, g, length)

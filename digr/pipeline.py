@@ -21,6 +21,7 @@ from digr import storage
 from digr.caption import CaptionConfig
 from digr.embed import EmbedConfig
 from digr.evaluate import EvalConfig
+from digr.grpo import GRPOConfig
 from digr.images import ImagesConfig
 from digr.ingest import IngestConfig
 from digr.label import LabelConfig
@@ -29,7 +30,7 @@ from digr.runs import Run, file_hash
 from digr.sft import SFTConfig
 from digr.tokenize import TokenizeConfig
 
-STAGES = ("ingest", "images", "caption", "mine", "label", "embed", "tokenize", "sft", "evaluate")
+STAGES = ("ingest", "images", "caption", "mine", "label", "embed", "tokenize", "sft", "grpo", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class PipelineConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -121,14 +123,25 @@ def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",
             run.stage("sft", cfg.sft,
                       lambda d: stages.sft_stage(cfg.sft, run.path("ingest"), run.path("embed"), run.path("tokenize"), d),
                       depends=("ingest", "embed", "tokenize"))
+        grpo_runs = until == "grpo" or ("grpo" in wanted and cfg.grpo.enabled)
+        if grpo_runs:
+            if cfg.grpo.max_history != cfg.sft.max_history:
+                raise ValueError(f"grpo.max_history={cfg.grpo.max_history} must equal sft.max_history={cfg.sft.max_history}")
+            label = mine_runs and "label" in wanted
+            run.stage("grpo", cfg.grpo,
+                      lambda d: stages.grpo_stage(cfg.grpo, run.path("ingest"), run.path("sft"),
+                                                  run.path("label") if label else None, d),
+                      depends=("ingest", "sft", *(("label",) if label else ())))
         result: dict[str, Any] = {}
         if "evaluate" in wanted:
             info = run.stage("evaluate", cfg.evaluate,
                              lambda d: stages.evaluate_stage(cfg.evaluate, run.path("ingest"), run.path("tokenize"),
-                                                             run.path("sft"), d, cfg.sft.max_history),
-                             depends=("ingest", "tokenize", "sft"))
+                                                             run.path("sft"), d, cfg.sft.max_history,
+                                                             run.path("grpo") if grpo_runs else None),
+                             depends=("ingest", "tokenize", "sft", *(("grpo",) if grpo_runs else ())))
             result = info["metrics"]
-            storage.write_json(run.path("metrics.json"), {**result["generative"], "models": result})
+            final = "generative_grpo" if grpo_runs else "generative"  # the model the run ends with
+            storage.write_json(run.path("metrics.json"), {**result[final], "final_model": final, "models": result})
     finally:
         run.write_manifest()
     if "evaluate" in wanted:

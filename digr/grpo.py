@@ -1,0 +1,394 @@
+"""GRPO: improve the SFT recommender with group-relative policy optimisation.
+
+For each training history the current policy generates a group of G SIDs under the trie
+(`digr.decode.sample`, or beam search with the group = the top G beams); each gets a reward
+(`digr.rewards`, default 1[exact] + 0.1 * valid + 0.5 * LCP/3 + 0.5 * q * 1[exact]); the
+advantages are the group-normalised rewards; the loss is PPO's clipped surrogate per token
+plus a token-level KL to the frozen SFT model (DeepSeekMath's GRPO):
+
+    A_i      = (r_i - mean(r)) / (std(r) + 1e-6)                   over the G samples of a history
+    ratio_t  = exp(logp_t - logp_old_t)
+    kl_t     = exp(ref_t - logp_t) - (ref_t - logp_t) - 1           (k3 estimator, >= 0)
+    loss     = - mean_t [ min(ratio_t A, clip(ratio_t, 1-eps, 1+eps) A) - beta kl_t ]
+
+The log-probs are those of the distribution the rollouts are drawn from: softmax over the
+codes the trie allows at each level (`digr.decode.constrained_logprobs`). Dropout is off
+throughout (the policy stays in eval mode), so with one update per rollout batch the ratio
+is exactly 1 and the loss gradient is the plain policy gradient plus the KL term.
+
+Ray wrapper: one Ray Train `TorchTrainer`. Each worker rolls out on its own share of the
+histories (data parallel; rollouts, rewards and the update all run in the worker) and the
+gradients are averaged by DDP (gloo on CPU, NCCL on GPU) or by a DeepSpeed engine
+(`strategy: deepspeed`, ZeRO stage by config). Rank 0 validates on the valid split, keeps
+the best model, and reports a checkpoint every `checkpoint_every` steps; re-running the same
+command resumes from the last one (for DeepSpeed the optimizer restarts, the weights and the
+step count do not).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from digr.rewards import RewardConfig, RewardInputs, total_reward
+from digr.scaling import ScalingConfig
+from digr.seqmodel import SidRecommender
+from digr.sft_data import Examples, select_examples
+
+_STATE, _BEST, _META = "grpo_state.pt", "best_model.pt", "meta.json"
+ROLLOUTS = ("sample", "beam")
+STRATEGIES = ("ddp", "deepspeed")
+
+
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    zero_stage: int = 2             # 0-3
+    config_file: str = ""           # a DeepSpeed JSON; "" = built from this config (`deepspeed_config`)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"grpo.deepspeed.zero_stage must be 0-3, got {self.zero_stage}")
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    enabled: bool = False           # run inside the whole pipeline; `python -m jobs.grpo` always runs it
+    group_size: int = 8             # G
+    rollout: str = "sample"         # sample (temperature) | beam (beam-as-group, MiniOneRec)
+    temperature: float = 1.0
+    steps: int = 200
+    batch_size: int = 64            # histories per step per worker
+    clip_eps: float = 0.2
+    beta: float = 1e-3              # KL weight to the frozen SFT reference
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_history: int = 20           # must match the SFT model's window
+    eval_every: int = 50            # steps between validations (and best-model tracking)
+    valid_users: int = 2000
+    valid_beam: int = 20
+    checkpoint_every: int = 50
+    seed: int = 0
+    threads_per_worker: int = 0
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    strategy: str = "ddp"           # ddp | deepspeed
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    def __post_init__(self) -> None:
+        if self.rollout not in ROLLOUTS:
+            raise ValueError(f"grpo.rollout must be one of {ROLLOUTS}, got {self.rollout!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"grpo.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        for name in ("group_size", "steps", "batch_size", "eval_every", "checkpoint_every", "valid_users",
+                     "max_history"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"grpo.{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError("grpo.group_size must be >= 2: advantages compare samples within a group")
+        if not self.temperature > 0 or not self.lr > 0 or self.beta < 0 or not 0 < self.clip_eps < 1:
+            raise ValueError("grpo: need temperature > 0, lr > 0, beta >= 0, 0 < clip_eps < 1")
+
+
+# ---------------------------------------------------------------- pure pieces
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """rewards: (B, G) -> (B, G) (r - mean) / (std + eps) per row, std with Bessel's correction
+    (as TRL and verl); a group whose rewards are all equal gets zeros (nothing to learn)."""
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, keepdim=True)
+    return (rewards - mean) / (std + eps)
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
+              clip_eps: float = 0.2, beta: float = 1e-3) -> tuple[torch.Tensor, dict[str, float]]:
+    """logp, old_logp, ref_logp: (B, G, L) per-token log-probs; advantages: (B, G).
+    -> (scalar loss, {"kl", "clip_frac", "ratio"}): the token-mean of
+    -(min(ratio A, clip(ratio) A) - beta * kl)."""
+    adv = advantages.unsqueeze(-1)
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    d = ref_logp - logp
+    kl = torch.exp(d) - d - 1
+    loss = -(surrogate - beta * kl).mean()
+    clipped = ((ratio - 1).abs() > clip_eps).float().mean()
+    return loss, {"kl": float(kl.detach().mean()), "clip_frac": float(clipped), "ratio": float(ratio.detach().mean())}
+
+
+def rollout(policy: SidRecommender, trie: Any, histories: list[list[int]], cfg: GRPOConfig,
+            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """-> items (B, G), sids (B, G, sid_len), rank (B, G) for beam groups (None for samples)."""
+    from digr.decode import recommend, sample
+
+    if cfg.rollout == "beam":
+        out = recommend(policy, trie, histories, cfg.max_history, beam_size=cfg.group_size, top_k=cfg.group_size)
+        if bool((out.items < 0).any()):
+            raise ValueError(f"grpo: the catalogue has fewer valid SIDs than group_size={cfg.group_size}")
+        rank = torch.arange(cfg.group_size).expand_as(out.items)
+        return out.items, out.sids, rank
+    out = sample(policy, trie, histories, cfg.max_history, cfg.group_size, cfg.temperature, generator)
+    return out.items, out.sids, None
+
+
+def grpo_step(policy: SidRecommender, reference: SidRecommender, trie: Any, histories: list[list[int]],
+              targets: torch.Tensor, sids_table: torch.Tensor, quality: torch.Tensor, cfg: GRPOConfig,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """One GRPO batch up to the loss (the caller does backward and the optimizer step).
+    targets: (B,) item_idx; sids_table: (N_items, sid_len) codes; quality: (N_items,) q, 0 = unknown."""
+    from digr.decode import constrained_logprobs
+
+    policy.eval()  # no dropout in RL: the rollout and the update see the same function
+    items, sids, rank = rollout(policy, trie, histories, cfg, generator)
+    inputs = RewardInputs(items=items, sids=sids, target=targets, target_sids=sids_table[targets],
+                          levels=policy.vocab.levels, quality=quality[targets], rank=rank)
+    rewards, parts = total_reward(inputs, cfg.reward)
+    adv = group_advantages(rewards)
+    input_ids, mask = policy.batch(histories, cfg.max_history)
+    with torch.no_grad():
+        old = constrained_logprobs(policy, trie, input_ids, mask, sids)
+        ref = constrained_logprobs(reference, trie, input_ids, mask, sids)
+    new = constrained_logprobs(policy, trie, input_ids, mask, sids)
+    loss, stats = grpo_loss(new, old, ref, adv, cfg.clip_eps, cfg.beta)
+    stats.update({f"reward_{k}": v for k, v in parts.items()})
+    stats["reward"] = float(rewards.mean())
+    stats["hit_rate"] = float((items == targets.unsqueeze(1)).any(dim=1).float().mean())
+    return loss, stats
+
+
+def deepspeed_config(cfg: GRPOConfig, world: int) -> dict[str, Any]:
+    """The DeepSpeed config: `cfg.deepspeed.config_file` when given, else built from `cfg`
+    (our optimizer is passed in, so the JSON carries no optimizer section)."""
+    if cfg.deepspeed.config_file:
+        with open(cfg.deepspeed.config_file) as f:
+            return json.load(f)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "train_batch_size": cfg.batch_size * world,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+
+
+# ---------------------------------------------------------------- the Ray Train loop
+
+
+@dataclass
+class GRPOState:
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_ndcg: float = -1.0
+    best_step: int = 0
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from digr.sft import _cpu_state, validate
+    from digr.trie import SidTrie
+
+    cfg: GRPOConfig = config["cfg"]
+    data = ray.get(config["data"])
+    if cfg.threads_per_worker:
+        torch.set_num_threads(cfg.threads_per_worker)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    vocab, model_cfg = data["vocab"], data["model_config"]
+    state_dict = {k: torch.as_tensor(np.array(v)) for k, v in data["sft_state"].items()}
+    policy = SidRecommender.from_state(vocab, model_cfg, state_dict).to(device)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    sids_table = torch.from_numpy(np.array(data["sids"])).to(device)
+    quality = torch.from_numpy(np.array(data["quality"])).to(device)
+    trie = SidTrie.from_codes(np.array(data["sids"]), vocab).to(device)
+    train: Examples = data["train"]
+    state, saved, best_state = GRPOState(), None, None
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            saved = torch.load(os.path.join(ckpt_dir, _STATE), map_location=device, weights_only=False)
+            policy.load_state_dict(saved["model"])
+            state = GRPOState(**saved["state"])
+            if rank == 0:
+                best_state = torch.load(os.path.join(ckpt_dir, _BEST), map_location="cpu")
+        if rank == 0:
+            print(f"grpo resuming after step {state.step}", flush=True)
+
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.strategy == "deepspeed":
+        import deepspeed
+
+        for var, value in (("LOCAL_RANK", ctx.get_local_rank()), ("RANK", rank), ("WORLD_SIZE", world)):
+            os.environ.setdefault(var, str(value))
+        engine, optimizer, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer,
+                                                       config=deepspeed_config(cfg, world))
+        module = engine.module
+    else:
+        # No DDP wrapper: the loss is built from the module's parts (encoder, decoder steps),
+        # never from one call of a wrapper's forward, so `_sync_grads` averages the gradients.
+        # Every rank starts from the same SFT weights and applies the same averaged update.
+        if saved is not None and "optimizer" in saved:
+            optimizer.load_state_dict(saved["optimizer"])
+        engine, module = None, policy
+
+    # ZeRO-3 partitions the weights: every forward is a collective, so every rank validates
+    # (in lockstep; rank 0 keeps the figure) and state dicts are read with the weights gathered.
+    zero3 = cfg.strategy == "deepspeed" and cfg.deepspeed.zero_stage == 3
+    validates = rank == 0 or zero3
+
+    def evaluate_now() -> float:
+        v = validate(module, trie, data["valid"], cfg.max_history, cfg.valid_beam, True, device)
+        return float(v["ndcg@10"])
+
+    def full_state() -> dict[str, torch.Tensor]:
+        if not zero3:
+            return _cpu_state(module)
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return _cpu_state(module)
+
+    if validates and state.step == 0:
+        state.best_ndcg, state.best_step = evaluate_now(), 0  # the SFT model is the first candidate
+        best_state = full_state()
+        if rank == 0:
+            print(f"grpo step 0 valid ndcg@10 {state.best_ndcg:.4f} (the SFT model)", flush=True)
+
+    times: list[float] = []
+    for step in range(state.step + 1, cfg.steps + 1):
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([cfg.seed, step, rank])
+        idx = rng.choice(len(train), size=min(cfg.batch_size, len(train)), replace=False)
+        histories = [train.history(i).tolist() for i in idx]
+        targets = torch.from_numpy(train.targets[idx]).to(device)
+        gen = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
+        loss, stats = grpo_step(module, reference, trie, histories, targets, sids_table, quality, cfg, gen)
+        if cfg.strategy == "deepspeed":
+            engine.backward(loss)
+            engine.step()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            _sync_grads(params, world)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+        times.append(time.perf_counter() - t0)
+        row: dict[str, Any] = {"step": step, "loss": float(loss.detach()), **stats, "seconds": times[-1]}
+        if validates and (step % cfg.eval_every == 0 or step == cfg.steps):
+            ndcg = evaluate_now()
+            row["valid_ndcg@10"] = ndcg
+            if ndcg > state.best_ndcg:
+                state.best_ndcg, state.best_step, best_state = ndcg, step, full_state()
+        state.step = step
+        state.history.append(row)
+        if rank == 0 and (step % 10 == 0 or step == cfg.steps):
+            eta = (cfg.steps - step) * float(np.mean(times[-10:])) / 60
+            valid = f" valid ndcg@10 {row['valid_ndcg@10']:.4f}" if "valid_ndcg@10" in row else ""
+            print(f"grpo step {step}/{cfg.steps} reward {row['reward']:.3f} hit@G {row['hit_rate']:.3f} "
+                  f"kl {row['kl']:.4f}{valid} (best {state.best_ndcg:.4f} @{state.best_step}) "
+                  f"{np.mean(times[-10:]):.2f} s/step ETA {eta:.1f} min", flush=True)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+            current = full_state()  # a collective under ZeRO-3: every rank takes part
+            if rank != 0:
+                ray.train.report(metrics, checkpoint=None)
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                payload = {"model": current, "state": dataclasses.asdict(state)}
+                if cfg.strategy != "deepspeed":
+                    payload["optimizer"] = optimizer.state_dict()
+                torch.save(payload, os.path.join(tmp, _STATE))
+                torch.save(best_state if best_state is not None else current, os.path.join(tmp, _BEST))
+                with open(os.path.join(tmp, _META), "w") as f:
+                    json.dump({"step": step, "grpo_config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))},
+                              f, indent=2)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _sync_grads(params: list[torch.Tensor], world: int) -> None:
+    """Average gradients over workers (what DDP's hooks do; done by hand because the loss is
+    built from the module's parts, not from one call of the DDP wrapper)."""
+    import torch.distributed as dist
+
+    if world <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+# ---------------------------------------------------------------- driver
+
+
+@dataclass(frozen=True, eq=False)
+class GRPOResult:
+    model: SidRecommender  # the best model by valid NDCG@10 (the SFT model if no step beat it)
+    last_state: dict[str, torch.Tensor]  # the weights after the last step
+    history: list[dict[str, Any]]
+    best_step: int
+    best_valid_ndcg: float
+
+
+def run_grpo(examples: pa.Table, sft_model: SidRecommender, cfg: GRPOConfig, storage_dir: str, name: str = "grpo",
+             quality: np.ndarray | None = None) -> GRPOResult:
+    """Train (or resume, or return the finished run at `<storage_dir>/<name>`).
+
+    examples: the ingest stage's examples table; sft_model: the trained SFT recommender (its
+    SID table defines the catalogue); quality: (N_items,) float q_i, NaN or absent = unknown (0)."""
+    import ray
+    from ray.train import CheckpointConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from digr import storage
+
+    n_items = sft_model.n_items
+    train = select_examples(examples, "train", n_items)
+    valid = select_examples(examples, "valid", n_items, limit=cfg.valid_users, seed=cfg.seed)
+    if len(train) < cfg.group_size or len(valid) == 0:
+        raise ValueError(f"grpo: need train and valid rows, got {len(train)} train and {len(valid)} valid")
+    q = np.zeros(n_items, np.float32) if quality is None else np.nan_to_num(np.asarray(quality, np.float32))
+    if q.shape != (n_items,):
+        raise ValueError(f"grpo: quality must be (N_items={n_items},), got {q.shape}")
+    sids = sft_model.vocab.decode(sft_model.sid_tokens).cpu().numpy()
+    data = ray.put({"train": train, "valid": valid, "sids": sids, "vocab": sft_model.vocab,
+                    "model_config": sft_model.cfg, "quality": q,
+                    "sft_state": {k: v.cpu().numpy() for k, v in sft_model.state_dict().items()}})
+    trainer = TorchTrainer(
+        _train_loop, train_loop_config={"cfg": cfg, "data": data}, scaling_config=cfg.scaling.to_ray(),
+        run_config=RunConfig(storage_path=storage.absolute(storage_dir), name=name,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"grpo run {name!r} under {storage_dir} finished without a checkpoint")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        saved = torch.load(os.path.join(ckpt_dir, _STATE), map_location="cpu", weights_only=False)
+        best = torch.load(os.path.join(ckpt_dir, _BEST), map_location="cpu")
+    state = GRPOState(**saved["state"])
+    model = SidRecommender.from_state(sft_model.vocab, sft_model.cfg, best)
+    return GRPOResult(model=model, last_state=saved["model"], history=state.history, best_step=state.best_step,
+                      best_valid_ndcg=state.best_ndcg)
