@@ -137,10 +137,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for k, v in extra.items():
-        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+        merged[k] = merge_dicts(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
     return merged
 
 
@@ -157,7 +157,7 @@ def load(cls: type[T], path: str | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    data = _merge(data, parse_overrides(overrides or []))
+    data = merge_dicts(data, parse_overrides(overrides or []))
     return from_dict(cls, data)
 
 

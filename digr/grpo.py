@@ -149,7 +149,9 @@ def grpo_step(policy: SidRecommender, reference: SidRecommender, trie: Any, hist
     from digr.decode import constrained_logprobs
 
     policy.eval()  # no dropout in RL: the rollout and the update see the same function
+    t0 = time.perf_counter()
     items, sids, rank = rollout(policy, trie, histories, cfg, generator)
+    rollout_s = time.perf_counter() - t0
     inputs = RewardInputs(items=items, sids=sids, target=targets, target_sids=sids_table[targets],
                           levels=policy.vocab.levels, quality=quality[targets], rank=rank)
     rewards, parts = total_reward(inputs, cfg.reward)
@@ -163,6 +165,8 @@ def grpo_step(policy: SidRecommender, reference: SidRecommender, trie: Any, hist
     stats.update({f"reward_{k}": v for k, v in parts.items()})
     stats["reward"] = float(rewards.mean())
     stats["hit_rate"] = float((items == targets.unsqueeze(1)).any(dim=1).float().mean())
+    stats["rollout_s"] = rollout_s
+    stats["rollouts_per_s"] = items.numel() / max(rollout_s, 1e-9)
     return loss, stats
 
 
