@@ -2,7 +2,7 @@
 
 For each training history the current policy generates a group of G SIDs under the trie
 (`digr.decode.sample`, or beam search with the group = the top G beams); each gets a reward
-(`digr.rewards`, default 1[exact] + 0.1 * valid + 0.5 * LCP/3 + 0.5 * q * 1[exact]); the
+(`digr.rewards`, default 1[exact] + 0.1 * valid + 0.0 * LCP/3 + 0.5 * q * 1[exact]); the
 advantages are the group-normalised rewards; the loss is PPO's clipped surrogate per token
 plus a token-level KL to the frozen SFT model (DeepSeekMath's GRPO):
 
@@ -64,9 +64,9 @@ class DeepSpeedSettings:
 class GRPOConfig:
     enabled: bool = False           # run inside the whole pipeline; `python -m jobs.grpo` always runs it
     group_size: int = 8             # G
-    rollout: str = "sample"         # sample (temperature) | beam (beam-as-group, MiniOneRec)
+    rollout: str = "beam"           # beam (beam-as-group, MiniOneRec) | sample (temperature)
     temperature: float = 1.0
-    steps: int = 200
+    steps: int = 300
     batch_size: int = 64            # histories per step per worker
     clip_eps: float = 0.2
     beta: float = 1e-3              # KL weight to the frozen SFT reference

@@ -36,8 +36,8 @@ def test_rewards_by_hand() -> None:
     assert REWARDS["rank"](x).tolist() == [[1.0, 0.0, 0.0]]  # no ranks: rank 0 -> 1/log2(2)
     ranked = _inputs(items=torch.tensor([[7, -1, 5]]), rank=torch.tensor([[0, 1, 2]]))
     assert REWARDS["rank"](ranked)[0].tolist() == pytest.approx([0.0, 0.0, 1 / math.log2(4)])
-    # default: 1[exact] + 0.1 valid + 0.5 LCP/3 + 0.5 q 1[exact]
-    total, parts = total_reward(x, RewardConfig())
+    # the paper's form: 1[exact] + 0.1 valid + 0.5 LCP/3 + 0.5 q 1[exact]
+    total, parts = total_reward(x, RewardConfig(prefix=0.5))
     assert total[0].tolist() == pytest.approx([1 + 0.1 + 0.5 + 0.4, 0.1 + 0.5 * 2 / 3, 0.0])
     assert set(parts) == {"exact", "valid", "prefix", "qarm"}
 
@@ -118,7 +118,7 @@ def test_a_few_grpo_steps_raise_the_reward_on_a_toy_task() -> None:
     reference = SidRecommender.from_state(model.vocab, model.cfg, model.state_dict()).eval().requires_grad_(False)
     rng = np.random.default_rng(0)
     sids = trie.codes
-    cfg = GRPOConfig(group_size=8, reward=RewardConfig(valid=0.0, prefix=0.0, qarm=0.0), beta=1e-3)
+    cfg = GRPOConfig(group_size=8, rollout="sample", reward=RewardConfig(valid=0.0, prefix=0.0, qarm=0.0), beta=1e-3)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     probe = [[(i - 1) % 12, i] for i in range(12)]
     probe_targets = torch.tensor([(i + 1) % 12 for i in range(12)])

@@ -1,0 +1,158 @@
+"""Serving core: request checks, A/B assignment, the catalogue view and responses.
+
+Pure functions and small classes the Ray Serve application (`serve/app.py`) wraps; nothing
+here imports Ray, so every rule below is unit-tested without a cluster.
+
+A/B assignment is sticky and stateless: a user goes to the variant whose cumulative weight
+interval holds u = sha256(salt + ":" + user_id) / 2^256 in [0, 1). Changing the weights moves
+only the users whose u falls in a changed interval; changing the salt reshuffles everyone.
+Requests without a user_id are assigned by their request id (not sticky, by definition).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class RequestError(ValueError):
+    """A client error: `status` is the HTTP status, the message names the field."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    model_dir: str      # a saved SFT/GRPO model (`digr.sft.save_model`)
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    run_dir: str = ""                       # a finished pipeline run: ingest/items.parquet, tokenize/trie.npz
+    variants: tuple[Variant, ...] = ()      # () = one variant "sft" from <run_dir>/sft/model
+    salt: str = "digr-ab-1"
+    beam_size: int = 20
+    max_k: int = 50
+    max_history: int = 0                    # items the model reads; 0 = the model's training window (from its dir)
+    max_request_items: int = 1000           # longest history accepted in a request
+    max_body_bytes: int = 65536
+    auth_token_env: str = ""                # name of an env var holding a bearer token; "" = no auth
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.005
+    fallback_k: int = 50                    # cold-start list length kept in memory
+
+    def __post_init__(self) -> None:
+        if self.max_k < 1 or self.beam_size < self.max_k and self.beam_size < 1:
+            raise ValueError("serve: need max_k >= 1 and beam_size >= 1")
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"serve.variants: duplicate names {names}")
+        if any(v.weight < 0 for v in self.variants) or (self.variants and sum(v.weight for v in self.variants) <= 0):
+            raise ValueError("serve.variants: weights must be >= 0 with a positive sum")
+
+
+def unit_hash(salt: str, key: str) -> float:
+    """sha256(salt:key) as a float in [0, 1)."""
+    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_variant(key: str, weights: dict[str, float], salt: str) -> str:
+    """The variant for `key` (a user id) under `weights` (name -> weight >= 0, positive sum),
+    by cumulative intervals in the order given."""
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError("variant weights must have a positive sum")
+    u = unit_hash(salt, key) * total
+    acc = 0.0
+    name = next(iter(weights))
+    for name, w in weights.items():
+        acc += w
+        if u < acc:
+            return name
+    return name  # u == total only through rounding: the last variant
+
+
+@dataclass(frozen=True)
+class Request:
+    history: tuple[str, ...]
+    k: int = 10
+    user_id: str | None = None
+    exclude_seen: bool = True
+
+
+def parse_request(body: Any, max_k: int, max_items: int) -> Request:
+    """A decoded JSON body -> Request, or RequestError naming the field (400, or 422 for types)."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "body: expected a JSON object")
+    unknown = sorted(set(body) - {"history", "k", "user_id", "exclude_seen"})
+    if unknown:
+        raise RequestError(400, f"{unknown[0]}: unknown field (known: history, k, user_id, exclude_seen)")
+    if "history" not in body:
+        raise RequestError(400, "history: required (a list of item ids, oldest first; may be empty)")
+    history = body["history"]
+    if not isinstance(history, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in history):
+        raise RequestError(422, "history: expected a list of item ids (strings)")
+    if len(history) > max_items:
+        raise RequestError(400, f"history: {len(history)} items is over the limit of {max_items}")
+    k = body.get("k", min(10, max_k))
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise RequestError(422, f"k: expected an integer, got {k!r}")
+    if not 1 <= k <= max_k:
+        raise RequestError(400, f"k: must be between 1 and {max_k}, got {k}")
+    user_id = body.get("user_id")
+    if user_id is not None and not isinstance(user_id, str):
+        raise RequestError(422, "user_id: expected a string")
+    exclude = body.get("exclude_seen", True)
+    if not isinstance(exclude, bool):
+        raise RequestError(422, "exclude_seen: expected true or false")
+    return Request(history=tuple(str(x) for x in history), k=k, user_id=user_id, exclude_seen=exclude)
+
+
+@dataclass
+class Catalogue:
+    """Item ids, titles, SIDs and (optional) mined intents, indexed by item_idx; popularity
+    for the cold-start list. Mutable only through `add_items` (new items, frozen tokenizer)."""
+
+    item_ids: list[str]
+    titles: list[str]
+    sids: np.ndarray                                 # (N, sid_len) int64 codes
+    intents: list[list[str]] = field(default_factory=list)
+    popular: list[int] = field(default_factory=list)  # item_idx, most popular first
+    index: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.index = {i: n for n, i in enumerate(self.item_ids)}
+        if not self.intents:
+            self.intents = [[] for _ in self.item_ids]
+
+    def resolve(self, history: tuple[str, ...], window: int) -> tuple[list[int], list[str], bool]:
+        """-> (item_idx of the known ids, oldest first, cut to the last `window`; the unknown
+        ids in request order; whether the known history was longer than the window)."""
+        known = [self.index[i] for i in history if i in self.index]
+        unknown = [i for i in history if i not in self.index]
+        return known[-window:], unknown, len(known) > window
+
+    def item(self, idx: int, score: float | None) -> dict[str, Any]:
+        return {"item_id": self.item_ids[idx], "sid": [int(c) for c in self.sids[idx]], "score": score,
+                "title": self.titles[idx], "intents": self.intents[idx]}
+
+    def fallback(self, k: int, exclude: set[int]) -> list[dict[str, Any]]:
+        """The most popular items not in `exclude` (cold start)."""
+        return [self.item(i, None) for i in self.popular if i not in exclude][:k]
+
+
+def popularity_order(sequences: list[list[int]], n_items: int) -> list[int]:
+    """item_idx by interaction count (training interactions: all but each user's last two), ties by index."""
+    counts = np.zeros(n_items, np.int64)
+    for s in sequences:
+        for i in s[:-2]:
+            counts[i] += 1
+    return [int(i) for i in np.lexsort((np.arange(n_items), -counts))]

@@ -1,0 +1,244 @@
+"""The Ray Serve recommender: a FastAPI gateway in front of one model deployment per A/B variant.
+
+    serve run serve/recommender.yaml       # one variant, 127.0.0.1:8000
+    serve run serve/ab.yaml                # two variants, weights in user_config
+
+`Recommender` (one per variant) loads a saved model and the trie, batches concurrent
+requests with `@serve.batch`, and runs the shared constrained beam search
+(`digr.decode.recommend`): what it returns equals offline decoding of the same history.
+`Gateway` checks the request (`digr.serving`), assigns the variant (sticky hash of user_id,
+weights changeable in place through `user_config`, forced by the `X-Digr-Variant` header),
+resolves item ids, falls back to popular items on a cold start, and tags every response and
+metric with the variant. Overload: the model deployment's bounded queue
+(`max_queued_requests`) rejects with 503 instead of growing a backlog.
+"""
+
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from digr.serving import (Catalogue, RequestError, ServeConfig, Variant, assign_variant, parse_request,
+                          popularity_order)
+
+logger = logging.getLogger("ray.serve")
+VARIANT_HEADER = "x-digr-variant"
+api = FastAPI(title="digr recommender", version="1", description=__doc__)
+
+
+def model_version(model_dir: str) -> str:
+    """A content hash of the saved model's files (names and bytes)."""
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(model_dir)):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            h.update(os.path.relpath(path, model_dir).encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:12]
+
+
+@serve.deployment(max_ongoing_requests=64, max_queued_requests=128, health_check_period_s=5)
+class Recommender:
+    """One model version: history item_idx lists -> top-k (item_idx, score) by constrained beam search."""
+
+    def __init__(self, model_dir: str, trie_uri: str, beam_size: int, max_history: int,
+                 max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005) -> None:
+        import torch
+
+        from digr import storage
+        from digr.sft import load_model
+        from digr.trie import SidTrie
+
+        self.model = load_model(model_dir).eval()
+        self.trie = SidTrie.from_bytes(storage.read_bytes(trie_uri))
+        self.max_history = max_history
+        self.beam_size = beam_size
+        self.version = model_version(model_dir)
+        self.torch = torch
+        self.recommend_batch.set_max_batch_size(max_batch_size)
+        self.recommend_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def info(self) -> dict[str, Any]:
+        return {"model_version": self.version, "max_history": self.max_history, "n_items": self.model.n_items}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def recommend_batch(self, requests: list[tuple[list[int], list[int], int]]) -> list[list[tuple[int, float]]]:
+        """requests: (history item_idx cut to the window, items never to return, k) each ->
+        per request [(item_idx, score)] best first. One beam search for the whole batch."""
+        from digr.decode import recommend
+
+        histories = [h for h, _, _ in requests]
+        top_k = min(self.beam_size, max(k for _, _, k in requests))
+        exclude = self.torch.zeros((len(requests), self.model.n_items), dtype=self.torch.bool)
+        for row, (_, seen, _) in enumerate(requests):
+            if seen:
+                exclude[row, seen] = True
+        out = recommend(self.model, self.trie, histories, self.max_history, beam_size=self.beam_size,
+                        top_k=top_k, exclude=exclude)
+        items, scores = out.items.tolist(), out.scores.tolist()
+        return [[(i, s) for i, s in zip(items[r], scores[r]) if i >= 0][:k] for r, (_, _, k) in enumerate(requests)]
+
+    async def __call__(self, history: list[int], seen: list[int], k: int) -> list[tuple[int, float]]:
+        return await self.recommend_batch((history, seen, k))
+
+
+def _metrics() -> dict[str, Any]:
+    from ray.serve import metrics
+
+    tags = ("variant",)
+    return {
+        "requests": metrics.Counter("digr_requests", "Recommendation requests", tag_keys=tags),
+        "errors": metrics.Counter("digr_errors", "Requests that failed (5xx)", tag_keys=tags),
+        "fallbacks": metrics.Counter("digr_fallbacks", "Responses served from the cold-start list", tag_keys=tags),
+        "latency": metrics.Histogram("digr_latency_ms", "Gateway latency (ms)",
+                                     boundaries=[5, 10, 20, 50, 100, 200, 500, 1000, 2000], tag_keys=tags),
+    }
+
+
+@serve.deployment(max_ongoing_requests=256)
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, cfg: dict[str, Any], variants: dict[str, DeploymentHandle]) -> None:
+        from digr import storage
+        from digr.config import from_dict
+
+        self.cfg: ServeConfig = from_dict(ServeConfig, cfg)
+        self.handles = variants
+        self.weights = {v.name: v.weight for v in self.cfg.variants} or {name: 1.0 for name in variants}
+        run = self.cfg.run_dir
+        items = storage.read_table(storage.join(run, "ingest", "items.parquet")).sort_by("item_idx")
+        seqs = storage.read_table(storage.join(run, "ingest", "sequences.parquet"))["item_idx"].to_pylist()
+        tok = storage.read_json(storage.join(run, "tokenize", "tokenizer.json"))
+        sids = storage.read_table(storage.join(run, "tokenize", "sids.parquet")).sort_by("item_idx")
+        intents = [[] for _ in range(items.num_rows)]
+        mine = storage.join(run, "mine", "intents.parquet")
+        if storage.exists(mine):
+            for r in storage.read_table(mine).to_pylist():
+                intents[r["item_idx"]] = [d["intent"] for d in r["intents"] or []]
+        self.catalogue = Catalogue(item_ids=[str(x) for x in items["item_id"].to_pylist()],
+                                   titles=[str(x or "") for x in items["title"].to_pylist()],
+                                   sids=np.asarray(sids["sid"].to_pylist(), dtype=np.int64), intents=intents,
+                                   popular=popularity_order(seqs, items.num_rows)[: self.cfg.fallback_k + 1000])
+        self.codebook_version = str(tok.get("stats", {}).get("codebook_version", ""))
+        self.token = os.environ.get(self.cfg.auth_token_env, "") if self.cfg.auth_token_env else ""
+        self.info: dict[str, dict[str, Any]] = {}
+        self.metrics = _metrics()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """A/B weights in place: {"weights": {"a": 0.9, "b": 0.1}} (no redeploy)."""
+        weights = {str(k): float(v) for k, v in (user_config or {}).get("weights", {}).items()}
+        if weights:
+            unknown = set(weights) - set(self.handles)
+            if unknown or sum(weights.values()) <= 0 or min(weights.values()) < 0:
+                raise ValueError(f"user_config.weights: unknown variants {sorted(unknown)} or bad weights {weights}")
+            self.weights = weights
+
+    async def _info(self, variant: str) -> dict[str, Any]:
+        if variant not in self.info:
+            self.info[variant] = await self.handles[variant].info.remote()
+        return self.info[variant]
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        """Liveness: the gateway process answers."""
+        return {"status": "alive"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        """Readiness: every variant's model is loaded and answers."""
+        try:
+            await asyncio.wait_for(asyncio.gather(*(self._info(v) for v in self.handles)), timeout=5)
+        except Exception as e:  # noqa: BLE001 - any failure means not ready
+            return JSONResponse({"status": "not ready", "reason": type(e).__name__}, status_code=503)
+        return JSONResponse({"status": "ready", "variants": sorted(self.handles)})
+
+    @api.post("/recommend")
+    async def recommend(self, request: Request) -> JSONResponse:
+        t0 = time.perf_counter()
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        variant = "-"
+        try:
+            if self.token and request.headers.get("authorization") != f"Bearer {self.token}":
+                raise RequestError(401, "authorization: missing or wrong bearer token")
+            raw = await request.body()
+            if len(raw) > self.cfg.max_body_bytes:
+                raise RequestError(413, f"body: {len(raw)} bytes is over the limit of {self.cfg.max_body_bytes}")
+            try:
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RequestError(400, f"body: malformed JSON ({e})") from e
+            req = parse_request(body, self.cfg.max_k, self.cfg.max_request_items)
+            forced = request.headers.get(VARIANT_HEADER)
+            if forced is not None and forced not in self.handles:
+                raise RequestError(400, f"{VARIANT_HEADER}: unknown variant {forced!r} (known: {sorted(self.handles)})")
+            variant = forced or assign_variant(req.user_id or request_id, self.weights, self.cfg.salt)
+            self.metrics["requests"].inc(tags={"variant": variant})
+            info = await self._info(variant)
+            history, unknown, truncated = self.catalogue.resolve(req.history, info["max_history"])
+            fallback = None
+            if not history:
+                fallback = "empty history" if not req.history else "no known item in the history"
+                results = self.catalogue.fallback(req.k, set())
+                self.metrics["fallbacks"].inc(tags={"variant": variant})
+            else:
+                # Every known item of the request is "seen", also those before the model's window.
+                seen = {self.catalogue.index[i] for i in req.history if i in self.catalogue.index}
+                ranked = await self.handles[variant].remote(history, sorted(seen) if req.exclude_seen else [], req.k)
+                results = [self.catalogue.item(i, s) for i, s in ranked]
+                if len(results) < req.k:  # a tiny catalogue minus the history: top up from the popular list
+                    have = {self.catalogue.index[r["item_id"]] for r in results} | (seen if req.exclude_seen else set())
+                    results += self.catalogue.fallback(req.k - len(results), have)
+            body_out = {"request_id": request_id, "variant": variant, "model_version": info["model_version"],
+                        "codebook_version": self.codebook_version, "fallback": fallback, "items": results,
+                        "unknown_items": unknown, "history_truncated": truncated, "history_used": len(history)}
+            status = 200
+        except RequestError as e:
+            body_out, status = {"request_id": request_id, "error": str(e)}, e.status
+        except Exception as e:  # noqa: BLE001 - one bad request must not take the replica down
+            from ray.serve.exceptions import BackPressureError
+
+            if isinstance(e, BackPressureError):
+                body_out, status = {"request_id": request_id, "error": "overloaded, retry later"}, 503
+            else:
+                logger.exception("request %s failed", request_id)
+                body_out, status = {"request_id": request_id, "error": "internal error"}, 500
+            self.metrics["errors"].inc(tags={"variant": variant})
+        self.metrics["latency"].observe((time.perf_counter() - t0) * 1000, tags={"variant": variant})
+        return JSONResponse(body_out, status_code=status, headers={"x-request-id": request_id})
+
+
+def build(args: dict[str, Any]) -> Any:
+    """Application builder for `serve run serve/<file>.yaml` (and `serve.run(build({...}))`).
+
+    args: the `ServeConfig` fields; `run_dir` is required. Each variant becomes one
+    `Recommender` deployment named `model_<variant>`."""
+    from digr import storage
+    from digr.config import from_dict
+
+    cfg = from_dict(ServeConfig, dict(args))
+    if not cfg.run_dir:
+        raise ValueError("serve: args.run_dir is required (a finished pipeline run directory)")
+    variants = cfg.variants or (Variant("sft", storage.join(cfg.run_dir, "sft", "model")),)
+    # The window the model was trained with (the run's sft.max_history) unless set.
+    max_history = cfg.max_history or int(storage.read_json(storage.join(cfg.run_dir, "manifest.json"))
+                                         ["config"]["sft"]["max_history"])
+    trie = storage.join(cfg.run_dir, "tokenize", "trie.npz")
+    handles = {
+        v.name: Recommender.options(name=f"model_{v.name}").bind(
+            v.model_dir, trie, cfg.beam_size, max_history, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        for v in variants
+    }
+    weights = {"weights": {v.name: v.weight for v in variants}}
+    return Gateway.options(user_config=weights).bind(dict(args), handles)

@@ -1,0 +1,162 @@
+"""Serving: request checks, A/B assignment (stickiness, split ratios), the catalogue view, and
+the Ray Serve application end to end over HTTP on 127.0.0.1 with a tiny saved model."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from digr.serving import Catalogue, RequestError, assign_variant, parse_request, popularity_order, unit_hash
+
+
+def test_assignment_is_sticky_and_splits_within_two_points() -> None:
+    users = [f"user-{i}" for i in range(10_000)]
+    for weights in ({"a": 0.5, "b": 0.5}, {"a": 0.9, "b": 0.1}, {"a": 1.0, "b": 1.0, "c": 2.0}):
+        first = [assign_variant(u, weights, "salt") for u in users]
+        assert first == [assign_variant(u, weights, "salt") for u in users]  # same user, same variant
+        total = sum(weights.values())
+        for name, w in weights.items():
+            assert abs(first.count(name) / len(users) - w / total) < 0.02, (weights, name)
+
+
+def test_changing_weights_moves_only_the_users_in_the_changed_interval() -> None:
+    users = [f"u{i}" for i in range(5000)]
+    before = {u: assign_variant(u, {"a": 0.5, "b": 0.5}, "s") for u in users}
+    after = {u: assign_variant(u, {"a": 0.6, "b": 0.4}, "s") for u in users}
+    assert all(after[u] == "a" for u in users if before[u] == "a")  # a grew: nobody leaves a
+    assert 0.07 < sum(before[u] != after[u] for u in users) / len(users) < 0.13
+    assert unit_hash("s", "u1") != unit_hash("t", "u1")  # the salt reshuffles
+
+
+@pytest.mark.parametrize("body, status, field", [
+    ([1, 2], 400, "body"),
+    ({}, 400, "history"),
+    ({"history": "abc"}, 422, "history"),
+    ({"history": [True]}, 422, "history"),
+    ({"history": ["1"] * 11}, 400, "history"),
+    ({"history": [], "k": 0}, 400, "k"),
+    ({"history": [], "k": 51}, 400, "k"),
+    ({"history": [], "k": "5"}, 422, "k"),
+    ({"history": [], "user_id": 7}, 422, "user_id"),
+    ({"history": [], "exclude_seen": "yes"}, 422, "exclude_seen"),
+    ({"history": [], "colour": "red"}, 400, "colour"),
+])
+def test_bad_requests_name_the_field(body, status: int, field: str) -> None:
+    with pytest.raises(RequestError) as err:
+        parse_request(body, max_k=50, max_items=10)
+    assert err.value.status == status and str(err.value).startswith(field)
+
+
+def test_good_request_and_defaults() -> None:
+    r = parse_request({"history": ["a", 5]}, max_k=50, max_items=10)
+    assert r.history == ("a", "5") and r.k == 10 and r.user_id is None and r.exclude_seen
+
+
+def test_catalogue_resolves_drops_unknown_ids_and_truncates() -> None:
+    cat = Catalogue(item_ids=["a", "b", "c", "d"], titles=["A", "B", "C", "D"], sids=np.zeros((4, 4), np.int64),
+                    popular=[2, 0, 1, 3])
+    assert cat.resolve(("a", "x", "b", "c"), window=2) == ([1, 2], ["x"], True)
+    assert cat.resolve(("a",), window=2) == ([0], [], False)
+    assert [r["item_id"] for r in cat.fallback(2, exclude={2})] == ["a", "b"]
+    assert popularity_order([[0, 1, 1, 2, 3], [1, 9 % 4, 0]], 4) == [1, 0, 2, 3]
+
+
+# ---------------------------------------------------------------- the Ray Serve application
+
+
+def _tiny_run(tmp_path) -> tuple[str, object]:
+    """A run directory with what the app reads: items, sequences, SIDs, trie, tokenizer.json,
+    manifest.json and a saved (randomly initialised) model."""
+    from digr import storage
+    from digr.seqmodel import ModelConfig, SidRecommender, SidVocab
+    from digr.sft import save_model
+    from digr.trie import SidTrie
+
+    n = 12
+    vocab = SidVocab(levels=2, codebook_size=4, suffix_size=1)
+    codes = np.array([[i // 4, i % 4, 0] for i in range(n)])
+    torch.manual_seed(0)
+    model = SidRecommender(vocab, ModelConfig(d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
+                                              num_heads=2, content_features=False), vocab.encode(torch.from_numpy(codes)))
+    run = tmp_path / "run"
+    save_model(model, str(run / "sft" / "model"))
+    storage.write_table(str(run / "ingest" / "items.parquet"), pa.table({
+        "item_idx": pa.array(range(n), pa.int32()), "item_id": [f"i{k}" for k in range(n)],
+        "title": [f"Item {k}" for k in range(n)]}))
+    storage.write_table(str(run / "ingest" / "sequences.parquet"), pa.table({
+        "user_id": ["u0", "u1"], "item_idx": [[0, 1, 2, 3, 4], [1, 1, 5, 6]]}))
+    storage.write_table(str(run / "tokenize" / "sids.parquet"), pa.table({
+        "item_idx": pa.array(range(n), pa.int32()), "sid": [list(map(int, c)) for c in codes]}))
+    storage.write_bytes(str(run / "tokenize" / "trie.npz"), SidTrie.from_codes(codes, vocab).to_bytes())
+    storage.write_json(str(run / "tokenize" / "tokenizer.json"), {"stats": {"codebook_version": "cb123"}})
+    storage.write_json(str(run / "manifest.json"), {"config": {"sft": {"max_history": 3}}})
+    return str(run), model
+
+
+def _post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_serve_app_over_http(ray_local, tmp_path) -> None:
+    from ray import serve
+
+    from digr.decode import recommend
+    from digr.trie import SidTrie
+    from serve.app import build
+
+    run, model = _tiny_run(tmp_path)
+    port = 18123
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"run_dir": run, "max_k": 5, "beam_size": 5, "max_body_bytes": 2000, "max_request_items": 50,
+            "variants": [{"name": "a", "model_dir": f"{run}/sft/model", "weight": 1.0},
+                         {"name": "b", "model_dir": f"{run}/sft/model", "weight": 1.0}]}
+    serve.run(build(args), name="digr-test", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=60) as r:
+            assert json.loads(r.read())["status"] == "ready"
+        with urllib.request.urlopen(f"{url}/openapi.json", timeout=60) as r:
+            assert "/recommend" in json.loads(r.read())["paths"]
+
+        # served == offline decoding of the same model on the same (window-cut) history
+        status, out = _post(f"{url}/recommend", json.dumps({"user_id": "u7", "history": ["i0", "i1", "zz", "i2", "i3"],
+                                                             "k": 4}).encode())
+        assert status == 200, out
+        trie = SidTrie.from_codes(np.array([[i // 4, i % 4, 0] for i in range(12)]), model.vocab)
+        exclude = torch.zeros(1, 12, dtype=torch.bool)
+        exclude[0, [0, 1, 2, 3]] = True
+        offline = recommend(model.eval(), trie, [[1, 2, 3]], 3, beam_size=5, top_k=4, exclude=exclude)
+        assert [r["item_id"] for r in out["items"]] == [f"i{i}" for i in offline.items[0].tolist()]
+        assert out["unknown_items"] == ["zz"] and out["history_truncated"] and out["history_used"] == 3
+        assert out["variant"] in ("a", "b") and out["codebook_version"] == "cb123" and out["fallback"] is None
+        assert out["items"][0]["sid"] == [int(c) for c in trie.codes[offline.items[0, 0]]]
+        # sticky: the same user gets the same variant; the header forces one
+        assert all(_post(f"{url}/recommend", json.dumps({"user_id": "u7", "history": ["i1"]}).encode())[1]["variant"]
+                   == out["variant"] for _ in range(3))
+        assert _post(f"{url}/recommend", b'{"history": ["i1"]}', {"x-digr-variant": "b"})[1]["variant"] == "b"
+
+        status, cold = _post(f"{url}/recommend", b'{"history": [], "k": 3}')
+        assert status == 200 and cold["fallback"] == "empty history" and [r["item_id"] for r in cold["items"]] == \
+            ["i1", "i0", "i2"]  # training counts (all but each user's last two): i1 x2, then i0, i2
+        status, unknown = _post(f"{url}/recommend", b'{"user_id": "new", "history": ["nope"]}')
+        assert status == 200 and unknown["fallback"] == "no known item in the history"
+
+        assert _post(f"{url}/recommend", b"{not json")[0] == 400
+        status, err = _post(f"{url}/recommend", b'{"history": ["i1"], "k": 99}')
+        assert status == 400 and err["error"].startswith("k:") and err["request_id"]
+        assert _post(f"{url}/recommend", b'{"history": ["i1"]}', {"x-digr-variant": "zzz"})[0] == 400
+        assert _post(f"{url}/recommend", json.dumps({"history": ["i1"] * 40, "pad": "x" * 3000}).encode())[0] == 413
+    finally:
+        serve.delete("digr-test")
+        serve.shutdown()
