@@ -200,6 +200,25 @@ class SidRecommender(torch.nn.Module):
         return self.t5(**self.encoder_kwargs(input_ids, attention_mask), attention_mask=attention_mask,
                        labels=labels).loss
 
+    @torch.no_grad()
+    def add_items(self, sid_tokens: torch.Tensor, features: torch.Tensor | None = None) -> None:
+        """Make M new items servable without training: (M, sid_len) token ids, and (M, F)
+        content vectors when the model reads them. A new item's learned embedding starts at
+        zero (nothing was learned about it); its SID tokens and content vector still place it."""
+        if sid_tokens.ndim != 2 or sid_tokens.shape[1] != self.vocab.sid_len:
+            raise ValueError(f"sid_tokens must be (M, sid_len={self.vocab.sid_len}), got {tuple(sid_tokens.shape)}")
+        m = sid_tokens.shape[0]
+        if self.content is not None:
+            if features is None or features.shape != (m, self.features.shape[1]):
+                raise ValueError(f"features must be (M={m}, {self.features.shape[1]}), got "
+                                 f"{None if features is None else tuple(features.shape)}")
+            self.features = torch.cat([self.features, features.to(self.features)])
+        self.sid_tokens = torch.cat([self.sid_tokens, sid_tokens.to(self.sid_tokens)])
+        if self.item is not None:
+            old = self.item.weight
+            self.item = torch.nn.Embedding(old.shape[0] + m, old.shape[1]).to(old.device)
+            self.item.weight.copy_(torch.cat([old, old.new_zeros(m, old.shape[1])]))
+
     @classmethod
     def from_state(cls, vocab: SidVocab, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> "SidRecommender":
         """Rebuild from a `state_dict()` (the buffers carry the SIDs and features)."""

@@ -144,6 +144,19 @@ class Catalogue:
         return {"item_id": self.item_ids[idx], "sid": [int(c) for c in self.sids[idx]], "score": score,
                 "title": self.titles[idx], "intents": self.intents[idx]}
 
+    def add(self, item_ids: list[str], titles: list[str], sids: np.ndarray) -> list[int]:
+        """Append new items (ids must be new); -> their item_idx."""
+        clash = [i for i in item_ids if i in self.index] + [i for n, i in enumerate(item_ids) if i in item_ids[:n]]
+        if clash:
+            raise RequestError(409, f"items: item_id {clash[0]!r} already exists")
+        start = len(self.item_ids)
+        self.item_ids += item_ids
+        self.titles += titles
+        self.intents += [[] for _ in item_ids]
+        self.sids = np.concatenate([self.sids, sids])
+        self.index.update({i: start + n for n, i in enumerate(item_ids)})
+        return list(range(start, start + len(item_ids)))
+
     def fallback(self, k: int, exclude: set[int]) -> list[dict[str, Any]]:
         """The most popular items not in `exclude` (cold start)."""
         return [self.item(i, None) for i in self.popular if i not in exclude][:k]
@@ -156,3 +169,65 @@ def popularity_order(sequences: list[list[int]], n_items: int) -> list[int]:
         for i in s[:-2]:
             counts[i] += 1
     return [int(i) for i in np.lexsort((np.arange(n_items), -counts))]
+
+
+def extend_sids(new_codes: np.ndarray, existing: np.ndarray, suffix_size: int) -> np.ndarray:
+    """New items' RQ-VAE codes (M, levels) -> full SIDs (M, levels + 1): each gets the smallest
+    suffix no existing (or earlier new) item with the same codes uses. Raises when a suffix
+    would not fit the model's vocabulary (`suffix_size`): that item needs a retrained model.
+    existing: (N, levels + 1) SIDs of the catalogue."""
+    levels = existing.shape[1] - 1
+    if new_codes.ndim != 2 or new_codes.shape[1] != levels:
+        raise ValueError(f"new codes must be (M, {levels}), got {new_codes.shape}")
+    used: dict[tuple[int, ...], set[int]] = {}
+    for row in existing.tolist():
+        used.setdefault(tuple(row[:levels]), set()).add(row[levels])
+    out = np.empty((len(new_codes), levels + 1), np.int64)
+    for m, row in enumerate(new_codes.tolist()):
+        taken = used.setdefault(tuple(row), set())
+        suffix = next(s for s in range(len(taken) + 1) if s not in taken)
+        if suffix >= suffix_size:
+            raise ValueError(f"new item {m}: its codes {row} are already used by {len(taken)} items and the model "
+                             f"has {suffix_size} suffix codes; serving it needs a retrained model")
+        taken.add(suffix)
+        out[m] = [*row, suffix]
+    return out
+
+
+class FrozenTokenizer:
+    """The run's embed + tokenize stages, frozen: new item rows -> content vectors and SIDs,
+    without training anything. Reads <run>/manifest.json (embed and tokenize configs) and
+    <run>/tokenize/rqvae.pt."""
+
+    def __init__(self, run_dir: str) -> None:
+        import io
+
+        import torch
+
+        from digr import storage
+        from digr.config import from_dict
+        from digr.embed import EmbedConfig, TextEmbedder, default_model_path
+        from digr.rqvae import RQVAE, RQVAEConfig
+
+        config = storage.read_json(storage.join(run_dir, "manifest.json"))["config"]
+        self.embed_cfg = from_dict(EmbedConfig, config.get("embed", {}))
+        if self.embed_cfg.evidence:
+            raise ValueError(f"new items: the run embeds evidence {list(self.embed_cfg.evidence)}, which new items do "
+                             "not have yet (mine them first); only text-only runs can add items at serving time")
+        rq_cfg = from_dict(RQVAEConfig, config.get("tokenize", {}).get("rqvae", {}))
+        state = torch.load(io.BytesIO(storage.read_bytes(storage.join(run_dir, "tokenize", "rqvae.pt"))),
+                           map_location="cpu")
+        self.embedder = TextEmbedder(self.embed_cfg.model or default_model_path(), self.embed_cfg.fields,
+                                     self.embed_cfg.max_chars, self.embed_cfg.max_tokens, device="cpu")
+        self.rqvae = RQVAE(self.embedder.model.get_sentence_embedding_dimension(), rq_cfg)
+        self.rqvae.load_state_dict(state)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """rows with the embed fields -> (content vectors (M, D) float32, RQ-VAE codes (M, levels))."""
+        from digr.rqvae import assign_codes
+
+        batch = {"item_idx": np.arange(len(rows))}
+        for f in self.embed_cfg.fields:
+            batch[f] = np.array([str(r.get(f) or "") for r in rows], dtype=object)
+        emb = self.embedder(batch)["embedding"]
+        return emb, assign_codes(self.rqvae, emb)

@@ -29,8 +29,8 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from digr.serving import (Catalogue, RequestError, ServeConfig, Variant, assign_variant, parse_request,
-                          popularity_order)
+from digr.serving import (Catalogue, RequestError, ServeConfig, Variant, assign_variant, extend_sids,
+                          parse_request, popularity_order)
 
 logger = logging.getLogger("ray.serve")
 VARIANT_HEADER = "x-digr-variant"
@@ -71,7 +71,16 @@ class Recommender:
         self.recommend_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     def info(self) -> dict[str, Any]:
-        return {"model_version": self.version, "max_history": self.max_history, "n_items": self.model.n_items}
+        return {"model_version": self.version, "max_history": self.max_history, "n_items": self.model.n_items,
+                "suffix_size": self.model.vocab.suffix_size}
+
+    def add_items(self, sids: list[list[int]], features: list[list[float]]) -> int:
+        """New items (SIDs from the frozen tokenizer, content vectors) appended as the next
+        item_idx values: the trie and the model's item tables grow, no restart. -> n_items."""
+        codes = self.torch.tensor(sids, dtype=self.torch.long)
+        self.model.add_items(self.model.vocab.encode(codes), self.torch.tensor(features, dtype=self.torch.float32))
+        self.trie = self.trie.add(codes.numpy())
+        return self.model.n_items
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def recommend_batch(self, requests: list[tuple[list[int], list[int], int]]) -> list[list[tuple[int, float]]]:
@@ -135,6 +144,7 @@ class Gateway:
         self.token = os.environ.get(self.cfg.auth_token_env, "") if self.cfg.auth_token_env else ""
         self.info: dict[str, dict[str, Any]] = {}
         self.metrics = _metrics()
+        self.tokenizer = None  # the frozen embed + RQ-VAE, loaded on the first POST /items
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """A/B weights in place: {"weights": {"a": 0.9, "b": 0.1}} (no redeploy)."""
@@ -163,6 +173,51 @@ class Gateway:
         except Exception as e:  # noqa: BLE001 - any failure means not ready
             return JSONResponse({"status": "not ready", "reason": type(e).__name__}, status_code=503)
         return JSONResponse({"status": "ready", "variants": sorted(self.handles)})
+
+    @api.post("/items")
+    async def add_items(self, request: Request) -> JSONResponse:
+        """New items without retraining: {"items": [{"item_id", "title", ...embed fields}]} ->
+        their SIDs from the frozen tokenizer; servable at once by every variant.
+        Assumes one replica per model deployment (each replica keeps its own tables)."""
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        try:
+            if self.token and request.headers.get("authorization") != f"Bearer {self.token}":
+                raise RequestError(401, "authorization: missing or wrong bearer token")
+            try:
+                body = json.loads(await request.body())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RequestError(400, f"body: malformed JSON ({e})") from e
+            rows = body.get("items") if isinstance(body, dict) else None
+            if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+                raise RequestError(400, "items: expected a non-empty list of objects")
+            for n, r in enumerate(rows):
+                if not isinstance(r.get("item_id"), str) or not r["item_id"]:
+                    raise RequestError(400, f"items[{n}].item_id: required, a non-empty string")
+                if not isinstance(r.get("title"), str) or not r["title"].strip():
+                    raise RequestError(400, f"items[{n}].title: required, a non-empty string")
+            if self.tokenizer is None:
+                from digr.serving import FrozenTokenizer
+
+                self.tokenizer = FrozenTokenizer(self.cfg.run_dir)
+            vectors, codes = self.tokenizer(rows)
+            # Every variant was trained on the same SIDs, so they share the suffix range.
+            suffix_size = int((await self._info(next(iter(self.handles))))["suffix_size"])
+            try:
+                sids = extend_sids(codes, self.catalogue.sids, suffix_size)
+            except ValueError as e:
+                raise RequestError(409, f"items: {e}") from e
+            idx = self.catalogue.add([r["item_id"] for r in rows], [r["title"] for r in rows], sids)
+            for handle in self.handles.values():
+                await handle.add_items.remote(sids.tolist(), vectors.tolist())
+            self.info.clear()
+            out = {"request_id": request_id, "added": [{"item_id": r["item_id"], "item_idx": i, "sid": s}
+                                                       for r, i, s in zip(rows, idx, sids.tolist())]}
+            return JSONResponse(out)
+        except RequestError as e:
+            return JSONResponse({"request_id": request_id, "error": str(e)}, status_code=e.status)
+        except Exception:  # noqa: BLE001
+            logger.exception("request %s failed", request_id)
+            return JSONResponse({"request_id": request_id, "error": "internal error"}, status_code=500)
 
     @api.post("/recommend")
     async def recommend(self, request: Request) -> JSONResponse:

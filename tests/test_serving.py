@@ -12,7 +12,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from digr.serving import Catalogue, RequestError, assign_variant, parse_request, popularity_order, unit_hash
+from digr.serving import (Catalogue, RequestError, assign_variant, extend_sids, parse_request, popularity_order,
+                          unit_hash)
 
 
 def test_assignment_is_sticky_and_splits_within_two_points() -> None:
@@ -67,6 +68,31 @@ def test_catalogue_resolves_drops_unknown_ids_and_truncates() -> None:
     assert popularity_order([[0, 1, 1, 2, 3], [1, 9 % 4, 0]], 4) == [1, 0, 2, 3]
 
 
+def test_extend_sids_takes_the_next_free_suffix_and_refuses_beyond_the_vocabulary() -> None:
+    existing = np.array([[1, 2, 0], [1, 2, 1], [3, 3, 0]])
+    new = np.array([[1, 2], [3, 3], [5, 5], [1, 2]])
+    assert extend_sids(new, existing, suffix_size=4).tolist() == [[1, 2, 2], [3, 3, 1], [5, 5, 0], [1, 2, 3]]
+    with pytest.raises(ValueError, match="new item 3.*retrained"):
+        extend_sids(new, existing, suffix_size=3)
+
+
+def test_model_add_items_makes_a_new_item_reachable() -> None:
+    from digr.decode import constrained_logprobs
+    from digr.seqmodel import ModelConfig, SidRecommender, SidVocab
+    from digr.trie import SidTrie
+
+    vocab = SidVocab(levels=2, codebook_size=4, suffix_size=1)
+    codes = np.array([[i // 4, i % 4, 0] for i in range(10)])
+    model = SidRecommender(vocab, ModelConfig(d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
+                                              num_heads=2, content_features=False), vocab.encode(torch.from_numpy(codes)))
+    new = np.array([[3, 1, 0]])
+    model.add_items(vocab.encode(torch.from_numpy(new)))
+    trie = SidTrie.from_codes(codes, vocab).add(new)
+    assert model.n_items == 11 and model.item.weight.shape[0] == 11 and float(model.item.weight[10].abs().sum()) == 0
+    lp = constrained_logprobs(model.eval(), trie, *model.batch([[10, 2]], 5), trie.codes.unsqueeze(0)).sum(-1)
+    assert float(torch.logsumexp(lp.detach(), -1)) == pytest.approx(0.0, abs=1e-5) and float(lp[0, 10].exp()) > 0
+
+
 # ---------------------------------------------------------------- the Ray Serve application
 
 
@@ -79,7 +105,7 @@ def _tiny_run(tmp_path) -> tuple[str, object]:
     from digr.trie import SidTrie
 
     n = 12
-    vocab = SidVocab(levels=2, codebook_size=4, suffix_size=1)
+    vocab = SidVocab(levels=2, codebook_size=4, suffix_size=2)  # room for one collision of a new item
     codes = np.array([[i // 4, i % 4, 0] for i in range(n)])
     torch.manual_seed(0)
     model = SidRecommender(vocab, ModelConfig(d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
@@ -95,7 +121,14 @@ def _tiny_run(tmp_path) -> tuple[str, object]:
         "item_idx": pa.array(range(n), pa.int32()), "sid": [list(map(int, c)) for c in codes]}))
     storage.write_bytes(str(run / "tokenize" / "trie.npz"), SidTrie.from_codes(codes, vocab).to_bytes())
     storage.write_json(str(run / "tokenize" / "tokenizer.json"), {"stats": {"codebook_version": "cb123"}})
-    storage.write_json(str(run / "manifest.json"), {"config": {"sft": {"max_history": 3}}})
+    rq_cfg = {"levels": 2, "codebook_size": 4, "hidden_dims": [16], "latent_dim": 8}
+    from digr.rqvae import RQVAE, RQVAEConfig
+
+    buf = __import__("io").BytesIO()
+    torch.save(RQVAE(384, RQVAEConfig(**{**rq_cfg, "hidden_dims": (16,)})).state_dict(), buf)
+    storage.write_bytes(str(run / "tokenize" / "rqvae.pt"), buf.getvalue())
+    storage.write_json(str(run / "manifest.json"), {"config": {"sft": {"max_history": 3}, "embed": {},
+                                                               "tokenize": {"rqvae": rq_cfg}}})
     return str(run), model
 
 
@@ -157,6 +190,37 @@ def test_serve_app_over_http(ray_local, tmp_path) -> None:
         assert status == 400 and err["error"].startswith("k:") and err["request_id"]
         assert _post(f"{url}/recommend", b'{"history": ["i1"]}', {"x-digr-variant": "zzz"})[0] == 400
         assert _post(f"{url}/recommend", json.dumps({"history": ["i1"] * 40, "pad": "x" * 3000}).encode())[0] == 413
+
+        # a new item, no retraining: SID from the frozen tokenizer, then known to recommend
+        status, added = _post(f"{url}/items", json.dumps({"items": [{"item_id": "new1", "title": "A brand new thing"}]}).encode())
+        assert status == 200, added
+        assert added["added"][0]["item_idx"] == 12 and len(added["added"][0]["sid"]) == 3
+        status, out = _post(f"{url}/recommend", b'{"history": ["new1", "i2"], "k": 3}')
+        assert status == 200 and out["unknown_items"] == [] and out["history_used"] == 2
+        assert _post(f"{url}/items", json.dumps({"items": [{"item_id": "new1", "title": "again"}]}).encode())[0] == 409
+        assert _post(f"{url}/items", b'{"items": [{"item_id": "x"}]}')[0] == 400
     finally:
         serve.delete("digr-test")
         serve.shutdown()
+
+
+@pytest.mark.parametrize("path", ["serve/recommender.yaml", "serve/ab.yaml", "cluster/kuberay/rayservice.yaml"])
+def test_serve_configs_build_valid_serve_configs(path: str) -> None:
+    import yaml
+
+    from digr.config import from_dict
+    from digr.serving import ServeConfig
+
+    from pathlib import Path
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / path).read_text())
+    serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"]) if doc.get("kind") == "RayService" else doc
+    app = serve_cfg["applications"][0]
+    assert app["import_path"] == "serve.app:build"
+    cfg = from_dict(ServeConfig, app["args"])
+    assert cfg.run_dir
+    if doc.get("kind") != "RayService":
+        assert serve_cfg["http_options"]["host"] == "127.0.0.1"  # loopback unless deployed on purpose
+    weights = next((d["user_config"]["weights"] for d in app.get("deployments", []) if d["name"] == "Gateway"), None)
+    if cfg.variants:
+        assert weights == {v.name: v.weight for v in cfg.variants}

@@ -1,0 +1,190 @@
+"""Load on the Ray Serve recommender over loopback: throughput and p50/p99 latency at 1, 8 and
+32 concurrent clients with batching on and off, an open-loop run at a fixed request rate, and
+the error rate and recovery time when the model replica is killed under load.
+
+    .venv/bin/python benchmarks/bench_serve.py [--run runs/bench-scientific] [--seconds 10] [--rate 100]
+
+Clients are threads with keep-alive HTTP connections, each in a bounded closed loop (send,
+wait for the answer, send again) for `--seconds`; histories are the test split's (item ids,
+as a client would send them). Everything (clients, proxy, gateway, model) shares the same
+2 cores, so the figures are a floor for a real deployment. Target (issue 5): p99 under 100 ms
+at 100 requests/s for the Scientific model with beam 20.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+PORT = 18200
+
+
+def _client(bodies: list[bytes], stop: float, out: list[tuple[float, int]], seed: int) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=30)
+    rng = np.random.default_rng(seed)
+    while time.perf_counter() < stop:
+        body = bodies[int(rng.integers(len(bodies)))]
+        t0 = time.perf_counter()
+        try:
+            conn.request("POST", "/recommend", body, {"content-type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            status = resp.status
+        except (OSError, http.client.HTTPException):
+            status = 0
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=30)
+        out.append((time.perf_counter() - t0, status))
+    conn.close()
+
+
+def closed_loop(bodies: list[bytes], clients: int, seconds: float) -> dict[str, float]:
+    results: list[list[tuple[float, int]]] = [[] for _ in range(clients)]
+    stop = time.perf_counter() + seconds
+    threads = [threading.Thread(target=_client, args=(bodies, stop, results[c], c)) for c in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    flat = [r for rs in results for r in rs]
+    ok = [lat for lat, s in flat if s == 200]
+    return {"requests": len(flat), "rps": len(ok) / wall, "errors": sum(s != 200 for _, s in flat),
+            "p50_ms": 1000 * float(np.percentile(ok, 50)) if ok else float("nan"),
+            "p99_ms": 1000 * float(np.percentile(ok, 99)) if ok else float("nan")}
+
+
+def open_loop(bodies: list[bytes], rate: float, seconds: float, workers: int = 64) -> dict[str, float]:
+    """Requests sent on a fixed schedule (rate per second) from a pool; latency counts from the
+    scheduled send time, so queueing behind a slow server shows up."""
+    import concurrent.futures as cf
+
+    n = int(rate * seconds)
+    start = time.perf_counter() + 0.2
+    local = threading.local()
+
+    def one(i: int) -> tuple[float, int]:
+        due = start + i / rate
+        time.sleep(max(0.0, due - time.perf_counter()))
+        if not hasattr(local, "conn"):
+            local.conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=30)
+        try:
+            local.conn.request("POST", "/recommend", bodies[i % len(bodies)], {"content-type": "application/json"})
+            r = local.conn.getresponse()
+            r.read()
+            status = r.status
+        except (OSError, http.client.HTTPException):
+            local.conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=30)
+            status = 0
+        return time.perf_counter() - due, status
+
+    with cf.ThreadPoolExecutor(workers) as pool:
+        res = list(pool.map(one, range(n)))
+    ok = [lat for lat, s in res if s == 200]
+    achieved = len(ok) / (max(start + n / rate, time.perf_counter()) - start)
+    return {"sent": n, "ok_rps": achieved, "errors": sum(s != 200 for _, s in res),
+            "p50_ms": 1000 * float(np.percentile(ok, 50)) if ok else float("nan"),
+            "p99_ms": 1000 * float(np.percentile(ok, 99)) if ok else float("nan")}
+
+
+def kill_replica_under_load(bodies: list[bytes], clients: int, seconds: float) -> str:
+    """Kill the model replica mid-run; -> errors, and seconds from the kill to the next success."""
+    import ray
+
+    results: list[list[tuple[float, int, float]]] = [[] for _ in range(clients)]
+    stop = time.perf_counter() + seconds
+
+    def loop(c: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=30)
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", "/recommend", bodies[c % len(bodies)], {"content-type": "application/json"})
+                r = conn.getresponse()
+                r.read()
+                status = r.status
+            except (OSError, http.client.HTTPException):
+                status = 0
+                conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=30)
+            results[c].append((t0, status, time.perf_counter()))
+        conn.close()
+
+    threads = [threading.Thread(target=loop, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds / 3)
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "model_" in a["name"]]
+    killed_at = time.perf_counter()
+    for a in names:
+        ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=False)
+    for t in threads:
+        t.join()
+    flat = sorted(r for rs in results for r in rs)
+    after = [r for r in flat if r[0] >= killed_at]
+    errors = sum(s != 200 for _, s, _ in after)
+    first_ok = next((end for start, s, end in after if s == 200 and start > killed_at), None)
+    recovery = f"{first_ok - killed_at:.1f} s" if first_ok else "no success before the run ended"
+    return (f"killed {len(names)} model replica(s) at t={seconds / 3:.0f}s: {errors} of {len(after)} requests after "
+            f"the kill failed ({100 * errors / max(1, len(after)):.1f}%); first success {recovery} after the kill")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default=str(REPO / "runs" / "bench-scientific"))
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--rate", type=float, default=100.0)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    args = ap.parse_args()
+
+    import ray
+    from ray import serve
+
+    from digr import storage
+    from serve.app import build
+
+    run = args.run
+    examples = storage.read_table(f"{run}/ingest/examples.parquet")
+    items = storage.read_table(f"{run}/ingest/items.parquet").sort_by("item_idx")
+    ids = [str(x) for x in items["item_id"].to_pylist()]
+    test = examples.filter(examples["split"] == "test").slice(0, 2000)
+    bodies = [json.dumps({"user_id": u, "history": [ids[i] for i in h], "k": 10}).encode()
+              for u, h in zip(test["user_id"].to_pylist(), test["history"].to_pylist())]
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    print(f"run {run}: {len(ids)} items, {len(bodies)} test histories, beam 20, top 10; "
+          f"{args.seconds:.0f} s per setting, 2 cores shared by clients and server")
+    print("| batching | clients | requests/s | p50 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|---|")
+    for batching, max_batch in (("on (max 16, 5 ms)", 16), ("off", 1)):
+        serve.run(build({"run_dir": run, "beam_size": 20, "max_batch_size": max_batch}), name="bench",
+                  route_prefix="/", blocking=False)
+        closed_loop(bodies, 2, 2.0)  # warm-up
+        for c in args.clients:
+            r = closed_loop(bodies, c, args.seconds)
+            print(f"| {batching} | {c} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} |",
+                  flush=True)
+        if max_batch == 16:
+            r = open_loop(bodies, args.rate, args.seconds)
+            verdict = "MET" if r["p99_ms"] < 100 and r["errors"] == 0 and r["ok_rps"] >= 0.95 * args.rate else "NOT MET"
+            print(f"open loop at {args.rate:.0f} req/s (batching on): served {r['ok_rps']:.1f} req/s, p50 "
+                  f"{r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, errors {r['errors']} -> target p99 < 100 ms {verdict}",
+                  flush=True)
+            print(kill_replica_under_load(bodies, 8, 3 * args.seconds), flush=True)
+        serve.delete("bench")
+    serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
