@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -156,7 +157,7 @@ def main() -> int:
     examples = storage.read_table(f"{run}/ingest/examples.parquet")
     items = storage.read_table(f"{run}/ingest/items.parquet").sort_by("item_idx")
     ids = [str(x) for x in items["item_id"].to_pylist()]
-    test = examples.filter(examples["split"] == "test").slice(0, 2000)
+    test = examples.filter(pc.equal(examples["split"], "test")).slice(0, 2000)
     bodies = [json.dumps({"user_id": u, "history": [ids[i] for i in h], "k": 10}).encode()
               for u, h in zip(test["user_id"].to_pylist(), test["history"].to_pylist())]
 
