@@ -46,6 +46,7 @@ class ServeConfig:
     auth_token_env: str = ""                # name of an env var holding a bearer token; "" = no auth
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.005
+    max_queued_requests: int = 128         # per model replica; beyond it requests get 503 (no unbounded backlog)
     fallback_k: int = 50                    # cold-start list length kept in memory
 
     def __post_init__(self) -> None:

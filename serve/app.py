@@ -119,7 +119,7 @@ def _metrics() -> dict[str, Any]:
 @serve.deployment(max_ongoing_requests=256)
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, cfg: dict[str, Any], variants: dict[str, DeploymentHandle]) -> None:
+    def __init__(self, cfg: dict[str, Any], variants: dict[str, DeploymentHandle], token: str = "") -> None:
         from digr import storage
         from digr.config import from_dict
 
@@ -141,7 +141,8 @@ class Gateway:
                                    sids=np.asarray(sids["sid"].to_pylist(), dtype=np.int64), intents=intents,
                                    popular=popularity_order(seqs, items.num_rows)[: self.cfg.fallback_k + 1000])
         self.codebook_version = str(tok.get("stats", {}).get("codebook_version", ""))
-        self.token = os.environ.get(self.cfg.auth_token_env, "") if self.cfg.auth_token_env else ""
+        # The token comes from the environment of whoever deploys (see `build`), or of this replica.
+        self.token = token or (os.environ.get(self.cfg.auth_token_env, "") if self.cfg.auth_token_env else "")
         self.info: dict[str, dict[str, Any]] = {}
         self.metrics = _metrics()
         self.tokenizer = None  # the frozen embed + RQ-VAE, loaded on the first POST /items
@@ -156,8 +157,13 @@ class Gateway:
             self.weights = weights
 
     async def _info(self, variant: str) -> dict[str, Any]:
+        """The variant's model facts; RequestError 503 while its model is not up (still loading,
+        or its replica died and is being replaced) instead of queueing the request behind it."""
         if variant not in self.info:
-            self.info[variant] = await self.handles[variant].info.remote()
+            try:
+                self.info[variant] = await asyncio.wait_for(self.handles[variant].info.remote(), timeout=5.0)
+            except asyncio.TimeoutError as e:
+                raise RequestError(503, f"model {variant!r} is not ready, retry later") from e
         return self.info[variant]
 
     @api.get("/healthz")
@@ -169,6 +175,7 @@ class Gateway:
     async def readyz(self) -> JSONResponse:
         """Readiness: every variant's model is loaded and answers."""
         try:
+            self.info.clear()  # ask the models afresh: a replaced replica must answer again
             await asyncio.wait_for(asyncio.gather(*(self._info(v) for v in self.handles)), timeout=5)
         except Exception as e:  # noqa: BLE001 - any failure means not ready
             return JSONResponse({"status": "not ready", "reason": type(e).__name__}, status_code=503)
@@ -291,9 +298,15 @@ def build(args: dict[str, Any]) -> Any:
                                          ["config"]["sft"]["max_history"])
     trie = storage.join(cfg.run_dir, "tokenize", "trie.npz")
     handles = {
-        v.name: Recommender.options(name=f"model_{v.name}").bind(
+        v.name: Recommender.options(name=f"model_{v.name}", max_queued_requests=cfg.max_queued_requests).bind(
             v.model_dir, trie, cfg.beam_size, max_history, cfg.max_batch_size, cfg.batch_wait_timeout_s)
         for v in variants
     }
     weights = {"weights": {v.name: v.weight for v in variants}}
-    return Gateway.options(user_config=weights).bind(dict(args), handles)
+    # The bearer token is read where the app is deployed (`serve run` / the RayService pod)
+    # when that environment has it; replicas on other nodes need not carry the secret.
+    token = os.environ.get(cfg.auth_token_env, "") if cfg.auth_token_env else ""
+    if cfg.auth_token_env and not token:
+        logger.warning("serve: %s is not set where the app is built; replicas will read it from their own env",
+                       cfg.auth_token_env)
+    return Gateway.options(user_config=weights).bind(dict(args), handles, token)

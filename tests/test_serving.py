@@ -224,3 +224,46 @@ def test_serve_configs_build_valid_serve_configs(path: str) -> None:
     weights = next((d["user_config"]["weights"] for d in app.get("deployments", []) if d["name"] == "Gateway"), None)
     if cfg.variants:
         assert weights == {v.name: v.weight for v in cfg.variants}
+
+
+def test_serve_auth_and_overload(ray_local, tmp_path, monkeypatch) -> None:
+    """Bearer-token auth (401 without it); a bounded queue: a burst far beyond
+    max_queued_requests gets 503s, never 500s, and the app keeps serving after it; an
+    internal error answers 500 without a stack trace and the replica keeps serving."""
+    import concurrent.futures as cf
+
+    from ray import serve
+
+    from serve.app import build
+
+    run, _ = _tiny_run(tmp_path)
+    port = 18124
+    monkeypatch.setenv("DIGR_TEST_TOKEN", "s3cret")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"run_dir": run, "max_k": 5, "beam_size": 5, "auth_token_env": "DIGR_TEST_TOKEN",
+            "max_queued_requests": 1, "max_batch_size": 1, "batch_wait_timeout_s": 0.0}
+    serve.run(build(args), name="digr-auth", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}/recommend"
+    good = {"authorization": "Bearer s3cret"}
+    try:
+        status, err = _post(url, b'{"history": ["i1"]}')
+        assert status == 401 and err["error"].startswith("authorization")
+        assert _post(url, b'{"history": ["i1"]}', {"authorization": "Bearer wrong"})[0] == 401
+        assert _post(url, b'{"history": ["i1"]}', good)[0] == 200
+        body = json.dumps({"history": [f"i{k}" for k in range(12)], "k": 5}).encode()
+        with cf.ThreadPoolExecutor(96) as pool:
+            statuses = list(pool.map(lambda _: _post(url, body, good)[0], range(400)))
+        assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses, sorted(set(statuses))
+        assert _post(url, b'{"history": ["i1"]}', good)[0] == 200  # still serving
+
+        # an internal error (a corrupt tokenizer checkpoint behind POST /items): 500 with the
+        # request id and no stack trace, and the replica goes on serving
+        (tmp_path / "run" / "tokenize" / "rqvae.pt").write_bytes(b"not a checkpoint")
+        status, err = _post(url.replace("/recommend", "/items"),
+                            json.dumps({"items": [{"item_id": "n", "title": "New"}]}).encode(), good)
+        assert status == 500 and err["error"] == "internal error" and err["request_id"]
+        assert "Traceback" not in json.dumps(err)
+        assert _post(url, b'{"history": ["i1"]}', good)[0] == 200
+    finally:
+        serve.delete("digr-auth")
+        serve.shutdown()
