@@ -1,0 +1,99 @@
+"""The LLM backbone (SmolLM2-135M + LoRA, SID tokens) against the T5 SFT model of a finished
+run, on the same test users, same protocol (full catalogue, seen items excluded, top 10).
+
+    .venv/bin/python benchmarks/bench_llm_rec.py [--run runs/ml100k] [--steps 300] [--users 300]
+
+Training data: each user's last `--per-user` train rows as next-SID pairs plus the alignment
+tasks (SID <-> title) for every item; `--steps` batches of 16. The LLM's beam (20) is filtered
+for seen items after decoding, then cut to 10. Prints HR@10 / NDCG@10 for both models and the
+training and decoding times. CPU-sized: a real comparison wants a GPU and many more steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default=str(REPO / "runs" / "ml100k"))
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--users", type=int, default=300)
+    ap.add_argument("--per-user", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    from digr import storage
+    from digr.decode import recommend
+    from digr.evaluate import test_rows
+    from digr.llm_rec import LLMRecConfig, load_backbone, recommend_llm, task_pairs, train_backbone
+    from digr.metrics import hr_ndcg
+    from digr.sft import load_model
+    from digr.sft_data import select_examples
+    from digr.stages import load_sids
+    from digr.trie import SidTrie
+
+    run = args.run
+    torch.manual_seed(args.seed)
+    examples = storage.read_table(f"{run}/ingest/examples.parquet")
+    sequences = storage.read_table(f"{run}/ingest/sequences.parquet")
+    items = storage.read_table(f"{run}/ingest/items.parquet").sort_by("item_idx")
+    sids, _ = load_sids(f"{run}/tokenize")
+    trie = SidTrie.from_bytes(storage.read_bytes(f"{run}/tokenize/trie.npz"))
+    manifest = storage.read_json(f"{run}/manifest.json")
+    max_history = int(manifest["config"]["sft"]["max_history"])
+    train = select_examples(examples, "train", len(sids), max_per_user=args.per_user)
+    titles = [str(t or "") for t in items["title"].to_pylist()]
+    cfg = LLMRecConfig(steps=args.steps, batch_size=16, lr=1e-3, max_history=max_history, seed=args.seed,
+                       tasks=("next_sid", "sid_to_title", "title_to_sid"))
+    pairs = task_pairs(train.histories(), train.targets.tolist(), sids, titles, None, cfg.tasks, max_history,
+                       np.random.default_rng(args.seed))
+    rows = test_rows(examples, sequences, "test")
+    pick = np.random.default_rng(args.seed).choice(len(rows["target"]), size=min(args.users, len(rows["target"])),
+                                                   replace=False)
+    histories = [rows["history"][i] for i in pick]
+    seen = [set(rows["seen"][i]) for i in pick]
+    targets = rows["target"][pick]
+    print(f"run {run}: {len(sids)} items, {len(pairs)} training pairs ({len(train)} next-SID), "
+          f"{len(pick)} test users, {args.steps} steps x 16")
+
+    t0 = time.perf_counter()
+    model, tok, table = load_backbone(cfg, trie.vocab)
+    losses = train_backbone(model, tok, pairs, cfg)
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ranked_llm = np.full((len(pick), 10), -1, dtype=np.int64)
+    for start in range(0, len(pick), 8):
+        out = recommend_llm(model, tok, table, trie, sids, histories[start:start + 8], max_history, beam_size=20, top_k=20)
+        for r, row in enumerate(out):
+            keep = [int(i) for i in row if i >= 0 and i not in seen[start + r]][:10]
+            ranked_llm[start + r, : len(keep)] = keep
+    llm_s = time.perf_counter() - t0
+
+    t5 = load_model(f"{run}/sft/model").eval()
+    exclude = torch.zeros((len(pick), t5.n_items), dtype=torch.bool)
+    for r, s in enumerate(seen):
+        exclude[r, list(s)] = True
+    t0 = time.perf_counter()
+    ranked_t5 = recommend(t5, trie, histories, max_history, beam_size=20, top_k=10, exclude=exclude).items.numpy()
+    t5_s = time.perf_counter() - t0
+
+    print(f"LLM training {train_s / 60:.1f} min, loss {np.mean(losses[:10]):.2f} -> {np.mean(losses[-10:]):.2f}")
+    print("| model | HR@10 | NDCG@10 | decode s |")
+    print("|---|---|---|---|")
+    for name, ranked, secs in (("SmolLM2-135M + LoRA (SID tokens)", ranked_llm, llm_s), ("T5 SFT (the run's)", ranked_t5, t5_s)):
+        m = hr_ndcg(ranked, targets, ks=(10,))
+        print(f"| {name} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} | {secs:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
