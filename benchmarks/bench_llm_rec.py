@@ -1,7 +1,7 @@
 """The LLM backbone (SmolLM2-135M + LoRA, SID tokens) against the T5 SFT model of a finished
 run, on the same test users, same protocol (full catalogue, seen items excluded, top 10).
 
-    .venv/bin/python benchmarks/bench_llm_rec.py [--run runs/ml100k] [--steps 300] [--users 300]
+    .venv/bin/python benchmarks/bench_llm_rec.py [--run runs/ml100k] [--steps 250] [--users 100]
 
 Training data: each user's last `--per-user` train rows as next-SID pairs plus the alignment
 tasks (SID <-> title) for every item; `--steps` batches of 16. The LLM's beam (20) is filtered
@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default=str(REPO / "runs" / "ml100k"))
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--users", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--users", type=int, default=100)
     ap.add_argument("--per-user", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
