@@ -32,6 +32,7 @@ import pyarrow as pa
 import torch
 
 from digr import storage
+from digr.config import to_dict
 from digr.llm import LLMConfig, build_backend
 from digr.mine import EmbedFn, ITEM_FIELDS, embed_unique, item_record, load_prompt, make_embedder
 
@@ -160,8 +161,9 @@ def fit_classifier(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 
     """x: (n, f) float32, y: (n,) {0, 1} with both classes present -> fitted classifier."""
     if len(set(y.tolist())) < 2:
         raise ValueError(f"label: the classifier needs good and bad examples; all {len(y)} labels are {int(y[0])}")
-    torch.manual_seed(0)
     clf = IntentClassifier(x.shape[1])
+    torch.nn.init.zeros_(clf.linear.weight)  # convex problem: start from zero, no global RNG touched
+    torch.nn.init.zeros_(clf.linear.bias)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.float32))
     pos = float(yt.mean())
     weight = torch.where(yt > 0, 0.5 / pos, 0.5 / (1 - pos))  # balanced classes
@@ -314,7 +316,7 @@ def run_label(items: pa.Table, intents_table: pa.Table, cfg: LabelConfig, out_di
             p_good = np.where(target >= 0, target, prior).astype(np.float64)
             stats["classifier"] = {"skipped": f"labels of {len(set(y.tolist()))} class(es) only; "
                                               f"unlabelled descriptors get the prior {prior:.3f}"}
-    storage.write_json(storage.join(out_dir, "classifier.json"), {"config": _jsonable(cfg), **stats})
+    storage.write_json(storage.join(out_dir, "classifier.json"), {"config": to_dict(cfg), **stats})
 
     for d, p in zip(descs, p_good):
         d["p_good"] = float(p)
@@ -347,12 +349,6 @@ def storage_bytes(state: dict[str, torch.Tensor]) -> bytes:
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.getvalue()
-
-
-def _jsonable(cfg: LabelConfig) -> dict[str, Any]:
-    import dataclasses
-
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
 def load_quality(label_dir: str) -> dict[int, float]:

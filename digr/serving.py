@@ -47,11 +47,10 @@ class ServeConfig:
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.005
     max_queued_requests: int = 128         # per model replica; beyond it requests get 503 (no unbounded backlog)
-    fallback_k: int = 50                    # cold-start list length kept in memory
 
     def __post_init__(self) -> None:
-        if self.max_k < 1 or self.beam_size < self.max_k and self.beam_size < 1:
-            raise ValueError("serve: need max_k >= 1 and beam_size >= 1")
+        if self.max_k < 1 or self.beam_size < 1:
+            raise ValueError(f"serve: need max_k >= 1 and beam_size >= 1, got {self.max_k}, {self.beam_size}")
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise ValueError(f"serve.variants: duplicate names {names}")

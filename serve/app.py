@@ -24,6 +24,7 @@ import uuid
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -55,8 +56,6 @@ class Recommender:
 
     def __init__(self, model_dir: str, trie_uri: str, beam_size: int, max_history: int,
                  max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005) -> None:
-        import torch
-
         from digr import storage
         from digr.sft import load_model
         from digr.trie import SidTrie
@@ -66,7 +65,6 @@ class Recommender:
         self.max_history = max_history
         self.beam_size = beam_size
         self.version = model_version(model_dir)
-        self.torch = torch
         self.recommend_batch.set_max_batch_size(max_batch_size)
         self.recommend_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -77,8 +75,8 @@ class Recommender:
     def add_items(self, sids: list[list[int]], features: list[list[float]]) -> int:
         """New items (SIDs from the frozen tokenizer, content vectors) appended as the next
         item_idx values: the trie and the model's item tables grow, no restart. -> n_items."""
-        codes = self.torch.tensor(sids, dtype=self.torch.long)
-        self.model.add_items(self.model.vocab.encode(codes), self.torch.tensor(features, dtype=self.torch.float32))
+        codes = torch.tensor(sids, dtype=torch.long)
+        self.model.add_items(self.model.vocab.encode(codes), torch.tensor(features, dtype=torch.float32))
         self.trie = self.trie.add(codes.numpy())
         return self.model.n_items
 
@@ -90,7 +88,7 @@ class Recommender:
 
         histories = [h for h, _, _ in requests]
         top_k = min(self.beam_size, max(k for _, _, k in requests))
-        exclude = self.torch.zeros((len(requests), self.model.n_items), dtype=self.torch.bool)
+        exclude = torch.zeros((len(requests), self.model.n_items), dtype=torch.bool)
         for row, (_, seen, _) in enumerate(requests):
             if seen:
                 exclude[row, seen] = True
@@ -139,7 +137,7 @@ class Gateway:
         self.catalogue = Catalogue(item_ids=[str(x) for x in items["item_id"].to_pylist()],
                                    titles=[str(x or "") for x in items["title"].to_pylist()],
                                    sids=np.asarray(sids["sid"].to_pylist(), dtype=np.int64), intents=intents,
-                                   popular=popularity_order(seqs, items.num_rows)[: self.cfg.fallback_k + 1000])
+                                   popular=popularity_order(seqs, items.num_rows))
         self.codebook_version = str(tok.get("stats", {}).get("codebook_version", ""))
         # The token comes from the environment of whoever deploys (see `build`), or of this replica.
         self.token = token or (os.environ.get(self.cfg.auth_token_env, "") if self.cfg.auth_token_env else "")
