@@ -119,7 +119,7 @@ def parse_request(body: Any, max_k: int, max_items: int) -> Request:
 @dataclass
 class Catalogue:
     """Item ids, titles, SIDs and (optional) mined intents, indexed by item_idx; popularity
-    for the cold-start list. Mutable only through `add_items` (new items, frozen tokenizer)."""
+    for the cold-start list. Grows only through `add` (items added while serving, frozen tokenizer)."""
 
     item_ids: list[str]
     titles: list[str]
@@ -144,11 +144,15 @@ class Catalogue:
         return {"item_id": self.item_ids[idx], "sid": [int(c) for c in self.sids[idx]], "score": score,
                 "title": self.titles[idx], "intents": self.intents[idx]}
 
-    def add(self, item_ids: list[str], titles: list[str], sids: np.ndarray) -> list[int]:
-        """Append new items (ids must be new); -> their item_idx."""
+    def check_new(self, item_ids: list[str]) -> None:
+        """RequestError 409 unless every id is new and listed once."""
         clash = [i for i in item_ids if i in self.index] + [i for n, i in enumerate(item_ids) if i in item_ids[:n]]
         if clash:
             raise RequestError(409, f"items: item_id {clash[0]!r} already exists")
+
+    def add(self, item_ids: list[str], titles: list[str], sids: np.ndarray) -> list[int]:
+        """Append new items (ids must be new); -> their item_idx."""
+        self.check_new(item_ids)
         start = len(self.item_ids)
         self.item_ids += item_ids
         self.titles += titles
@@ -160,6 +164,66 @@ class Catalogue:
     def fallback(self, k: int, exclude: set[int]) -> list[dict[str, Any]]:
         """The most popular items not in `exclude` (cold start)."""
         return [self.item(i, None) for i in self.popular if i not in exclude][:k]
+
+
+@dataclass(frozen=True)
+class Addition:
+    """One accepted POST /items batch: everything a replica needs to serve the new items."""
+
+    start: int                    # item_idx of the first item
+    item_ids: tuple[str, ...]
+    titles: tuple[str, ...]
+    sids: tuple[tuple[int, ...], ...]          # full SIDs (codes + suffix)
+    vectors: tuple[tuple[float, ...], ...]     # content vectors (the model's item features)
+
+
+class AdditionConflict(RuntimeError):
+    """The log grew since the writer last synced: re-sync, recompute the SIDs, try again."""
+
+
+class AdditionLog:
+    """Append-only journal of the items added while serving: the single authority every
+    gateway and model replica syncs from, so all replicas (and replicas the autoscaler starts
+    later) serve the same catalogue. Optimistic concurrency: `append(..., known)` is refused
+    unless `known` is the current size, so two writers can never hand out the same item_idx
+    or the same collision suffix. Hosted in a named Ray actor by `serve/app.py`; pure here."""
+
+    def __init__(self, base: int) -> None:
+        if base < 0:
+            raise ValueError(f"AdditionLog: base must be >= 0, got {base}")
+        self.base = base              # items in the trained catalogue
+        self.batches: list[Addition] = []
+
+    def size(self) -> int:
+        return self.base + sum(len(b.item_ids) for b in self.batches)
+
+    def append(self, known: int, item_ids: list[str], titles: list[str], sids: list[list[int]],
+               vectors: list[list[float]]) -> int:
+        """Add one batch computed against a catalogue of `known` items -> its first item_idx."""
+        if known != self.size():
+            raise AdditionConflict(f"catalogue has {self.size()} items, the writer knew {known}")
+        if not (len(item_ids) == len(titles) == len(sids) == len(vectors)) or not item_ids:
+            raise ValueError("AdditionLog.append: need equally long, non-empty item_ids, titles, sids, vectors")
+        seen = {i for b in self.batches for i in b.item_ids}
+        clash = [i for i in item_ids if i in seen]
+        if clash:
+            raise ValueError(f"item_id {clash[0]!r} was already added")
+        self.batches.append(Addition(known, tuple(item_ids), tuple(titles), tuple(tuple(map(int, s)) for s in sids),
+                                     tuple(tuple(map(float, v)) for v in vectors)))
+        return known
+
+    def since(self, known: int) -> list[Addition]:
+        """The batches a replica holding `known` items lacks (`known` is a batch boundary,
+        since replicas apply whole batches)."""
+        if known < self.base:
+            raise ValueError(f"AdditionLog.since: a replica cannot know fewer than the {self.base} trained items")
+        if known > self.size():
+            raise ValueError(f"AdditionLog.since: a replica knows {known} items, the log only {self.size()} "
+                             "(the log was lost: restart the application)")
+        out = [b for b in self.batches if b.start >= known]
+        if known != self.size() and (not out or out[0].start != known):
+            raise ValueError(f"AdditionLog.since: {known} is not a batch boundary")
+        return out
 
 
 def popularity_order(sequences: list[list[int]], n_items: int) -> list[int]:

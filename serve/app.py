@@ -30,12 +30,23 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from digr.serving import (Catalogue, RequestError, ServeConfig, Variant, assign_variant, extend_sids,
-                          parse_request, popularity_order)
+from digr.serving import (AdditionConflict, AdditionLog, Catalogue, RequestError, ServeConfig, Variant,
+                          assign_variant, extend_sids, parse_request, popularity_order)
 
 logger = logging.getLogger("ray.serve")
 VARIANT_HEADER = "x-digr-variant"
 api = FastAPI(title="digr recommender", version="1", description=__doc__)
+
+
+def addition_log(name: str, base: int) -> Any:
+    """The app's `AdditionLog` actor (created by whichever replica asks first). Detached, so
+    it outlives any one replica: replicas that die, or that the autoscaler adds later, sync
+    from it. It lives as long as the Ray cluster; it is named after the run directory, so
+    the additions belong to that run's codebook. No CPU reserved: it only keeps lists."""
+    import ray
+
+    return ray.remote(AdditionLog).options(name=name, get_if_exists=True, lifetime="detached", num_cpus=0,
+                                            max_concurrency=1).remote(base)
 
 
 def model_version(model_dir: str) -> str:
@@ -55,7 +66,9 @@ class Recommender:
     """One model version: history item_idx lists -> top-k (item_idx, score) by constrained beam search."""
 
     def __init__(self, model_dir: str, trie_uri: str, beam_size: int, max_history: int,
-                 max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005) -> None:
+                 max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005, log_name: str = "") -> None:
+        import ray
+
         from digr import storage
         from digr.sft import load_model
         from digr.trie import SidTrie
@@ -67,38 +80,48 @@ class Recommender:
         self.version = model_version(model_dir)
         self.recommend_batch.set_max_batch_size(max_batch_size)
         self.recommend_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.log = addition_log(log_name, self.model.n_items) if log_name else None
+        if self.log is not None:  # a replica started after items were added serves them too
+            self._apply(ray.get(self.log.since.remote(self.model.n_items)))
 
     def info(self) -> dict[str, Any]:
         return {"model_version": self.version, "max_history": self.max_history, "n_items": self.model.n_items,
                 "suffix_size": self.model.vocab.suffix_size}
 
-    def add_items(self, sids: list[list[int]], features: list[list[float]]) -> int:
-        """New items (SIDs from the frozen tokenizer, content vectors) appended as the next
-        item_idx values: the trie and the model's item tables grow, no restart. -> n_items."""
-        codes = torch.tensor(sids, dtype=torch.long)
-        self.model.add_items(self.model.vocab.encode(codes), torch.tensor(features, dtype=torch.float32))
-        self.trie = self.trie.add(codes.numpy())
-        return self.model.n_items
+    def _apply(self, batches: list[Any]) -> None:
+        """New items (`Addition`s: SIDs from the frozen tokenizer, content vectors) appended as
+        the next item_idx values: the trie and the model's item tables grow, no restart."""
+        for b in batches:
+            if b.start != self.model.n_items:
+                raise RuntimeError(f"addition starts at {b.start}, the model has {self.model.n_items} items")
+            codes = torch.tensor(b.sids, dtype=torch.long)
+            self.model.add_items(self.model.vocab.encode(codes), torch.tensor(b.vectors, dtype=torch.float32))
+            self.trie = self.trie.add(codes.numpy())
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def recommend_batch(self, requests: list[tuple[list[int], list[int], int]]) -> list[list[tuple[int, float]]]:
-        """requests: (history item_idx cut to the window, items never to return, k) each ->
-        per request [(item_idx, score)] best first. One beam search for the whole batch."""
+    async def recommend_batch(self, requests: list[tuple[list[int], list[int], int, int]]
+                              ) -> list[list[tuple[int, float]]]:
+        """requests: (history item_idx cut to the window, items never to return, k, catalogue
+        size the gateway knows) each -> per request [(item_idx, score)] best first. One beam
+        search for the whole batch, after syncing items added since this replica last looked."""
         from digr.decode import recommend
 
-        histories = [h for h, _, _ in requests]
-        top_k = min(self.beam_size, max(k for _, _, k in requests))
+        need = max(n for *_, n in requests)
+        if need > self.model.n_items and self.log is not None:
+            self._apply(await self.log.since.remote(self.model.n_items))
+        histories = [h for h, *_ in requests]
+        top_k = min(self.beam_size, max(k for _, _, k, _ in requests))
         exclude = torch.zeros((len(requests), self.model.n_items), dtype=torch.bool)
-        for row, (_, seen, _) in enumerate(requests):
+        for row, (_, seen, _, _) in enumerate(requests):
             if seen:
                 exclude[row, seen] = True
         out = recommend(self.model, self.trie, histories, self.max_history, beam_size=self.beam_size,
                         top_k=top_k, exclude=exclude)
         items, scores = out.items.tolist(), out.scores.tolist()
-        return [[(i, s) for i, s in zip(items[r], scores[r]) if i >= 0][:k] for r, (_, _, k) in enumerate(requests)]
+        return [[(i, s) for i, s in zip(items[r], scores[r]) if i >= 0][:k] for r, (_, _, k, _) in enumerate(requests)]
 
-    async def __call__(self, history: list[int], seen: list[int], k: int) -> list[tuple[int, float]]:
-        return await self.recommend_batch((history, seen, k))
+    async def __call__(self, history: list[int], seen: list[int], k: int, n_items: int = 0) -> list[tuple[int, float]]:
+        return await self.recommend_batch((history, seen, k, n_items))
 
 
 def _metrics() -> dict[str, Any]:
@@ -117,7 +140,10 @@ def _metrics() -> dict[str, Any]:
 @serve.deployment(max_ongoing_requests=256)
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, cfg: dict[str, Any], variants: dict[str, DeploymentHandle], token: str = "") -> None:
+    def __init__(self, cfg: dict[str, Any], variants: dict[str, DeploymentHandle], token: str = "",
+                 log_name: str = "") -> None:
+        import ray
+
         from digr import storage
         from digr.config import from_dict
 
@@ -144,6 +170,19 @@ class Gateway:
         self.info: dict[str, dict[str, Any]] = {}
         self.metrics = _metrics()
         self.tokenizer = None  # the frozen embed + RQ-VAE, loaded on the first POST /items
+        self.log = addition_log(log_name, items.num_rows) if log_name else None
+        if self.log is not None:
+            self._apply(ray.get(self.log.since.remote(len(self.catalogue.item_ids))))
+
+    def _apply(self, batches: list[Any]) -> None:
+        for b in batches:
+            self.catalogue.add(list(b.item_ids), list(b.titles), np.asarray(b.sids, dtype=np.int64).reshape(
+                len(b.item_ids), -1))
+
+    async def _sync(self) -> None:
+        """Catch up with items other gateway replicas added (one actor call)."""
+        if self.log is not None:
+            self._apply(await self.log.since.remote(len(self.catalogue.item_ids)))
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """A/B weights in place: {"weights": {"a": 0.9, "b": 0.1}} (no redeploy)."""
@@ -182,8 +221,8 @@ class Gateway:
     @api.post("/items")
     async def add_items(self, request: Request) -> JSONResponse:
         """New items without retraining: {"items": [{"item_id", "title", ...embed fields}]} ->
-        their SIDs from the frozen tokenizer; servable at once by every variant.
-        Assumes one replica per model deployment (each replica keeps its own tables)."""
+        their SIDs from the frozen tokenizer; servable at once by every variant and replica
+        (they sync from the app's `AdditionLog`)."""
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         try:
             if self.token and request.headers.get("authorization") != f"Bearer {self.token}":
@@ -207,13 +246,25 @@ class Gateway:
             vectors, codes = self.tokenizer(rows)
             # Every variant was trained on the same SIDs, so they share the suffix range.
             suffix_size = int((await self._info(next(iter(self.handles))))["suffix_size"])
-            try:
-                sids = extend_sids(codes, self.catalogue.sids, suffix_size)
-            except ValueError as e:
-                raise RequestError(409, f"items: {e}") from e
-            idx = self.catalogue.add([r["item_id"] for r in rows], [r["title"] for r in rows], sids)
-            for handle in self.handles.values():
-                await handle.add_items.remote(sids.tolist(), vectors.tolist())
+            ids, titles = [r["item_id"] for r in rows], [r["title"] for r in rows]
+            for _ in range(8):  # another gateway replica may add items at the same moment
+                await self._sync()
+                self.catalogue.check_new(ids)
+                try:
+                    sids = extend_sids(codes, self.catalogue.sids, suffix_size)
+                except ValueError as e:
+                    raise RequestError(409, f"items: {e}") from e
+                if self.log is None:
+                    break
+                try:
+                    await self.log.append.remote(len(self.catalogue.item_ids), ids, titles, sids.tolist(),
+                                                 vectors.tolist())
+                    break
+                except AdditionConflict:
+                    continue
+            else:
+                raise RequestError(503, "items: the catalogue kept changing under this request, retry later")
+            idx = self.catalogue.add(ids, titles, sids)
             self.info.clear()
             out = {"request_id": request_id, "added": [{"item_id": r["item_id"], "item_idx": i, "sid": s}
                                                        for r, i, s in zip(rows, idx, sids.tolist())]}
@@ -247,6 +298,9 @@ class Gateway:
             self.metrics["requests"].inc(tags={"variant": variant})
             info = await self._info(variant)
             history, unknown, truncated = self.catalogue.resolve(req.history, info["max_history"])
+            if unknown and self.log is not None:  # maybe added through another gateway replica
+                await self._sync()
+                history, unknown, truncated = self.catalogue.resolve(req.history, info["max_history"])
             fallback = None
             if not history:
                 fallback = "empty history" if not req.history else "no known item in the history"
@@ -255,7 +309,10 @@ class Gateway:
             else:
                 # Every known item of the request is "seen", also those before the model's window.
                 seen = {self.catalogue.index[i] for i in req.history if i in self.catalogue.index}
-                ranked = await self.handles[variant].remote(history, sorted(seen) if req.exclude_seen else [], req.k)
+                ranked = await self.handles[variant].remote(history, sorted(seen) if req.exclude_seen else [], req.k,
+                                                            len(self.catalogue.item_ids))
+                if any(i >= len(self.catalogue.item_ids) for i, _ in ranked):  # the model synced further than us
+                    await self._sync()
                 results = [self.catalogue.item(i, s) for i, s in ranked]
                 if len(results) < req.k:  # a tiny catalogue minus the history: top up from the popular list
                     have = {self.catalogue.index[r["item_id"]] for r in results} | (seen if req.exclude_seen else set())
@@ -295,9 +352,11 @@ def build(args: dict[str, Any]) -> Any:
     max_history = cfg.max_history or int(storage.read_json(storage.join(cfg.run_dir, "manifest.json"))
                                          ["config"]["sft"]["max_history"])
     trie = storage.join(cfg.run_dir, "tokenize", "trie.npz")
+    # Items added while serving belong to the run's codebook: one log per run directory.
+    log_name = "digr-items-" + hashlib.sha256(storage.absolute(cfg.run_dir).encode()).hexdigest()[:12]
     handles = {
         v.name: Recommender.options(name=f"model_{v.name}", max_queued_requests=cfg.max_queued_requests).bind(
-            v.model_dir, trie, cfg.beam_size, max_history, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+            v.model_dir, trie, cfg.beam_size, max_history, cfg.max_batch_size, cfg.batch_wait_timeout_s, log_name)
         for v in variants
     }
     weights = {"weights": {v.name: v.weight for v in variants}}
@@ -307,4 +366,4 @@ def build(args: dict[str, Any]) -> Any:
     if cfg.auth_token_env and not token:
         logger.warning("serve: %s is not set where the app is built; replicas will read it from their own env",
                        cfg.auth_token_env)
-    return Gateway.options(user_config=weights).bind(dict(args), handles, token)
+    return Gateway.options(user_config=weights).bind(dict(args), handles, token, log_name)

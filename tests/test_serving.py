@@ -76,6 +76,25 @@ def test_extend_sids_takes_the_next_free_suffix_and_refuses_beyond_the_vocabular
         extend_sids(new, existing, suffix_size=3)
 
 
+def test_addition_log_is_append_only_with_optimistic_concurrency() -> None:
+    from digr.serving import AdditionConflict, AdditionLog
+
+    log = AdditionLog(base=3)
+    assert log.size() == 3 and log.since(3) == []
+    assert log.append(3, ["a", "b"], ["A", "B"], [[0, 1, 0], [0, 1, 1]], [[0.5], [1.5]]) == 3
+    with pytest.raises(AdditionConflict, match="has 5 items, the writer knew 3"):
+        log.append(3, ["c"], ["C"], [[1, 1, 0]], [[0.0]])  # a writer that had not synced
+    assert log.append(5, ["c"], ["C"], [[1, 1, 0]], [[0.0]]) == 5
+    assert [b.start for b in log.since(3)] == [3, 5] and [b.item_ids for b in log.since(5)] == [("c",)]
+    assert log.since(6) == [] and log.since(3)[0].sids == ((0, 1, 0), (0, 1, 1))
+    with pytest.raises(ValueError, match="already added"):
+        log.append(6, ["a"], ["A"], [[2, 2, 0]], [[0.0]])
+    with pytest.raises(ValueError, match="not a batch boundary"):
+        log.since(4)
+    with pytest.raises(ValueError, match="log was lost"):
+        log.since(9)
+
+
 def test_model_add_items_makes_a_new_item_reachable() -> None:
     from digr.decode import constrained_logprobs
     from digr.seqmodel import ModelConfig, SidRecommender, SidVocab
@@ -199,9 +218,24 @@ def test_serve_app_over_http(ray_local, tmp_path) -> None:
         assert status == 200 and out["unknown_items"] == [] and out["history_used"] == 2
         assert _post(f"{url}/items", json.dumps({"items": [{"item_id": "new1", "title": "again"}]}).encode())[0] == 409
         assert _post(f"{url}/items", b'{"items": [{"item_id": "x"}]}')[0] == 400
-    finally:
+
+        # replicas started later (autoscaling, a redeploy) sync the added items from the app's log
         serve.delete("digr-test")
+        serve.run(build({**args, "variants": [{"name": "c", "model_dir": f"{run}/sft/model"}]}), name="digr-test2",
+                  route_prefix="/", blocking=False)
+        status, out = _post(f"{url}/recommend", b'{"history": ["new1"], "k": 3, "exclude_seen": false}')
+        assert status == 200 and out["unknown_items"] == [] and out["variant"] == "c", out
+        status, err = _post(f"{url}/items", json.dumps({"items": [{"item_id": "new1", "title": "again"}]}).encode())
+        assert status == 409 and "already exists" in err["error"], err
+    finally:
+        import ray
+
+        for app in ("digr-test", "digr-test2"):
+            serve.delete(app)
         serve.shutdown()
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if actor["name"].startswith("digr-items-"):
+                ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
 
 
 @pytest.mark.parametrize("path", ["serve/recommender.yaml", "serve/ab.yaml", "cluster/kuberay/rayservice.yaml"])
