@@ -7,7 +7,10 @@ e_interest embeds the item's mined intents (those the label stage kept, most con
 first). The tokenizer reconstructs its whole input, so the interest half is an added
 reconstruction loss (weighted by interest_weight^2) that keeps the interest signal in the
 quantised code. An item without usable intents gets its content text as interest text
-(counted in the stage's stats as `items_without_intents`), never a zero vector.
+(counted in the stage's stats as `items_without_intents`), never a zero vector. "image"
+appends the images stage's vector and a has-image flag (`digr.fusion.pack_image`); the
+tokenizer then fuses text and image with W_v, W_f trained under its own objective, and an
+item without an image is marked as such (its image part is masked, never a pretend zero).
 
 Pure core: `item_text` (what the encoder reads) and `TextEmbedder` (a callable class over
 one batch). Ray wrapper: `run_embed` streams the items table through an actor pool
@@ -24,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 TEXT_FIELDS = ("title", "brand", "categories", "description")
-EVIDENCE = ("caption", "intents")
+EVIDENCE = ("caption", "intents", "image")
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class EmbedConfig:
     concurrency: int = 2            # actors in the pool (one per core here; many GPU actors on a cluster)
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0     # > 0 on a GPU cluster: the actor's encoder runs on CUDA
-    evidence: tuple[str, ...] = ()  # IEID switches: () = text only (TIGER-like), "caption", "intents"
+    evidence: tuple[str, ...] = ()  # IEID switches: () = text only (TIGER-like), "caption", "intents", "image"
     interest_weight: float = 1.0    # scale of the interest part (its recon loss weighs this squared)
 
     def __post_init__(self) -> None:

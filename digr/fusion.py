@@ -22,6 +22,7 @@ gets gradient only from imageless items; W_v gets gradient only from items with 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -55,3 +56,21 @@ class CrossModalFusion(nn.Module):
         if e_text.shape != (img.shape[0], self.d_text):
             raise ValueError(f"e_text {tuple(e_text.shape)}: expected ({img.shape[0]}, {self.d_text})")
         return self.fuse(torch.cat([e_text, self.visual(img, has_image)], dim=-1))
+
+
+def pack_image(e_text: np.ndarray, img: np.ndarray, has_image: np.ndarray) -> np.ndarray:
+    """(N, D_t), (N, D_i) with NaN rows where there is no image, (N,) bool -> (N, D_t + D_i + 1):
+    [e_text; img (zeros where none); has_image as 0/1]. One flat row per item, so the embed
+    stage's table, the RQ-VAE's data loader and code assignment need not know about images."""
+    if e_text.ndim != 2 or img.ndim != 2 or has_image.shape != (len(e_text),) or len(img) != len(e_text):
+        raise ValueError(f"pack_image: need (N, D_t), (N, D_i), (N,); got {e_text.shape}, {img.shape}, {has_image.shape}")
+    if not np.isfinite(img[has_image]).all():
+        raise ValueError("pack_image: an item marked as having an image has a non-finite image vector")
+    safe = np.where(has_image[:, None], img, 0.0)
+    return np.concatenate([e_text, safe, has_image[:, None]], axis=1).astype(np.float32)
+
+
+def unpack_image(x: torch.Tensor, image_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `pack_image` on a tensor: (B, D_t + image_dim + 1) -> e_text, img, has_image (bool)."""
+    d_text = x.shape[1] - image_dim - 1
+    return x[:, :d_text], x[:, d_text:d_text + image_dim], x[:, -1] > 0.5

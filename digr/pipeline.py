@@ -83,7 +83,9 @@ def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",
         # Evidence stages run when enabled, when a job asks for them, or when embed reads them (IEID).
         needs_caption = "caption" in cfg.embed.evidence and "embed" in wanted
         needs_intents = "intents" in cfg.embed.evidence and "embed" in wanted
-        if until in ("images", "caption") or ("images" in wanted and (cfg.images.enabled or needs_caption)):
+        needs_image = "image" in cfg.embed.evidence and "embed" in wanted
+        if until in ("images", "caption") or ("images" in wanted and (cfg.images.enabled or needs_caption
+                                                                      or needs_image)):
             from digr.images import images_stage
 
             run.stage("images", cfg.images, lambda d: images_stage(cfg.images, run.path("ingest"), d),
@@ -109,16 +111,22 @@ def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",
             judges = {"judge_prompt": load_prompt(cfg.label.judge_prompt).version} if cfg.label.judges else {}
             run.stage("label", cfg.label, lambda d: label_stage(cfg.label, run.path("ingest"), run.path("mine"), d),
                       depends=("ingest", "mine"), inputs=judges)
+        embed_info: dict[str, Any] = {}
         if "embed" in wanted:
-            evidence = (("caption",) if needs_caption else ()) + (("mine", "label") if needs_intents else ())
-            run.stage("embed", cfg.embed,
-                      lambda d: stages.embed_stage(
-                          cfg.embed, run.path("ingest"), d, run.path("caption") if needs_caption else None,
-                          run.path("mine") if needs_intents else None, run.path("label") if needs_intents else None),
-                      depends=("ingest", *evidence))
+            evidence = ((("caption",) if needs_caption else ()) + (("mine", "label") if needs_intents else ())
+                        + (("images",) if needs_image else ()))
+            embed_info = run.stage("embed", cfg.embed,
+                                   lambda d: stages.embed_stage(
+                                       cfg.embed, run.path("ingest"), d, run.path("caption") if needs_caption else None,
+                                       run.path("mine") if needs_intents else None,
+                                       run.path("label") if needs_intents else None,
+                                       run.path("images") if needs_image else None),
+                                   depends=("ingest", *evidence))
         if "tokenize" in wanted:
+            image_dim = int(embed_info.get("stats", {}).get("image_dim", 0))
             run.stage("tokenize", cfg.tokenize,
-                      lambda d: stages.tokenize_stage(cfg.tokenize, run.path("embed"), d), depends=("embed",))
+                      lambda d: stages.tokenize_stage(cfg.tokenize, run.path("embed"), d, image_dim),
+                      depends=("embed",))
         if "sft" in wanted:
             run.stage("sft", cfg.sft,
                       lambda d: stages.sft_stage(cfg.sft, run.path("ingest"), run.path("embed"), run.path("tokenize"), d),

@@ -223,27 +223,66 @@ class RQVAEOutput:
 
 class RQVAE(nn.Module):
     """MLP encoder D -> hidden_dims -> latent_dim, `levels` codebooks of `codebook_size`,
-    mirrored MLP decoder back to D."""
+    mirrored MLP decoder back to D.
 
-    def __init__(self, input_dim: int, cfg: RQVAEConfig) -> None:
+    With image_dim > 0 (IEID "+ image"), rows are packed as `digr.fusion.pack_image` writes
+    them, [e_text (D_t); img (image_dim); has_image (1)], and the encoder reads the fused
+    e_mm = W_f·[e_text; W_v·img] (`CrossModalFusion`, d_out = D_t) instead of the raw row. The
+    decoder reconstructs [e_text; img], the image part only where there is an image, so W_v and
+    W_f train with the tokenizer's own objective and cannot collapse (they must keep what the
+    decoder needs to rebuild both modalities)."""
+
+    def __init__(self, input_dim: int, cfg: RQVAEConfig, image_dim: int = 0) -> None:
         super().__init__()
         self.input_dim = input_dim
+        self.image_dim = image_dim
         self.cfg = cfg
-        dims = [input_dim, *cfg.hidden_dims, cfg.latent_dim]
+        self.fusion: nn.Module | None = None
+        target_dim = input_dim
+        if image_dim > 0:
+            from digr.fusion import CrossModalFusion
+
+            text_dim = input_dim - image_dim - 1
+            if text_dim < 1:
+                raise ValueError(f"RQVAE: input_dim {input_dim} leaves no text part beside image_dim {image_dim} + 1")
+            self.fusion = CrossModalFusion(text_dim, image_dim)
+            target_dim = text_dim + image_dim
+        dims = [self.fusion.d_out if self.fusion is not None else input_dim, *cfg.hidden_dims, cfg.latent_dim]
         self.encoder = _mlp(dims)
-        self.decoder = _mlp(dims[::-1])
+        self.decoder = _mlp([*dims[::-1][:-1], target_dim])
         # (L, K, d); small random start, replaced by k-means when kmeans_init is set.
         self.codebooks = nn.Parameter(torch.randn(cfg.levels, cfg.codebook_size, cfg.latent_dim) * 0.1)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, input_dim) -> z (B, latent_dim), through the fusion when there is one."""
+        if self.fusion is None:
+            return self.encoder(x)
+        from digr.fusion import unpack_image
+
+        text, img, has = unpack_image(x, self.image_dim)
+        return self.encoder(self.fusion(text, img, has))
+
+    def target(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (what the decoder rebuilds (B, T), per-entry weights (B, T) or None = all 1)."""
+        if self.fusion is None:
+            return x, None
+        from digr.fusion import unpack_image
+
+        text, img, has = unpack_image(x, self.image_dim)
+        weight = torch.cat([torch.ones_like(text), has.to(x.dtype)[:, None].expand_as(img)], dim=1)
+        return torch.cat([text, img], dim=1), weight
 
     def quantize(self, z: torch.Tensor) -> RQResult:
         return residual_quantize(z, self.codebooks)
 
     def forward(self, x: torch.Tensor) -> RQVAEOutput:
         """x: (B, D) float32 -> RQVAEOutput."""
-        z = self.encoder(x)
+        z = self.encode(x)
         rq = self.quantize(z)
         recon = self.decoder(straight_through(z, rq.quantized))
-        recon_loss = (recon - x).pow(2).sum(-1).mean()
+        target, weight = self.target(x)
+        err = (recon - target).pow(2)
+        recon_loss = (err if weight is None else err * weight).sum(-1).mean()
         codebook, commitment = quantization_losses(rq.residuals, rq.chosen, self.cfg.beta)
         quant_loss = (codebook + commitment).sum()
         return RQVAEOutput(
@@ -261,7 +300,7 @@ class RQVAE(nn.Module):
     @torch.no_grad()
     def init_codebooks_kmeans(self, x: torch.Tensor, iters: int, generator: torch.Generator | None = None) -> None:
         """Level by level: k-means on the residuals of x (B, D) left by the levels above."""
-        r = self.encoder(x)
+        r = self.encode(x)
         for level in range(self.cfg.levels):
             c, labels = kmeans(r, self.cfg.codebook_size, iters, generator)
             self.codebooks[level].copy_(c)
@@ -300,7 +339,7 @@ def assign_codes(model: RQVAE, emb: np.ndarray, batch_size: int = 4096) -> np.nd
     out = []
     for start in range(0, emb.shape[0], batch_size):
         x = torch.as_tensor(emb[start : start + batch_size], dtype=torch.float32, device=device)
-        out.append(model.quantize(model.encoder(x)).codes.cpu())
+        out.append(model.quantize(model.encode(x)).codes.cpu())
     model.train(was_training)
     return torch.cat(out).numpy().astype(np.int64)
 
@@ -310,6 +349,7 @@ def train_rqvae(
     cfg: RQVAEConfig,
     on_epoch: Callable[[dict], None] | None = None,
     device: torch.device | str | None = None,
+    image_dim: int = 0,
 ) -> tuple[RQVAE, list[dict]]:
     """Train an RQ-VAE on emb: (N, D). Returns the (unwrapped) model and a per-epoch history
     [{"epoch", "loss", "recon_loss", "quant_loss", "unique_sid_rate", "dead_resets", "seconds"}].
@@ -331,7 +371,7 @@ def train_rqvae(
     data = torch.as_tensor(emb, dtype=torch.float32)
     with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
         torch.manual_seed(cfg.seed)  # model init: identical on every rank
-        model = RQVAE(d_in, cfg)
+        model = RQVAE(d_in, cfg, image_dim)
 
     perm = torch.randperm(n, generator=gen)
     if cfg.kmeans_init:

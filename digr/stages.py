@@ -53,12 +53,14 @@ def ingest_stage(cfg: IngestConfig, out: str) -> dict[str, Any]:
 
 
 def embed_stage(cfg: EmbedConfig, ingest_dir: str, out: str, caption_dir: str | None = None,
-                mine_dir: str | None = None, label_dir: str | None = None) -> dict[str, Any]:
-    """Text (+ caption) vectors; with evidence "intents", [content ; w * interest] (digr.embed)."""
+                mine_dir: str | None = None, label_dir: str | None = None, images_dir: str | None = None
+                ) -> dict[str, Any]:
+    """Text (+ caption) vectors; with evidence "intents", [content ; w * interest]; with
+    "image", the image vector and a has-image flag appended (digr.embed, digr.fusion)."""
     items_uri = storage.join(ingest_dir, "items.parquet")
     stats: dict[str, Any] = {"evidence": list(cfg.evidence)}
     fields = cfg.fields
-    if cfg.evidence:
+    if set(cfg.evidence) & {"caption", "intents"}:
         items = storage.read_table(items_uri)
         captions = storage.read_table(storage.join(caption_dir, "captions.parquet")) if "caption" in cfg.evidence else None
         intents = labels = None
@@ -72,12 +74,24 @@ def embed_stage(cfg: EmbedConfig, ingest_dir: str, out: str, caption_dir: str | 
         fields = (*cfg.fields, "caption") if captions is not None else cfg.fields
     for part in ("embeddings", "content", "interest"):
         storage.delete_dir(storage.join(out, part))  # a killed run's partial files; Ray Data appends
-    if "intents" not in cfg.evidence:
+    if not set(cfg.evidence) & {"intents", "image"}:
         emb = run_embed(items_uri, storage.join(out, "embeddings"), cfg, fields)
     else:
-        content = run_embed(items_uri, storage.join(out, "content"), cfg, fields)
-        interest = run_embed(items_uri, storage.join(out, "interest"), cfg, ("intents",))
-        emb = np.concatenate([content, cfg.interest_weight * interest], axis=1).astype(np.float32)
+        emb = run_embed(items_uri, storage.join(out, "content"), cfg, fields)
+        if "intents" in cfg.evidence:
+            interest = run_embed(items_uri, storage.join(out, "interest"), cfg, ("intents",))
+            emb = np.concatenate([emb, cfg.interest_weight * interest], axis=1).astype(np.float32)
+        if "image" in cfg.evidence:
+            from digr.fusion import pack_image
+            from digr.images import load_image_vectors
+
+            img, has = load_image_vectors(storage.join(images_dir, "images.parquet"), len(emb))
+            if not has.any():
+                raise ValueError(f"embed.evidence has 'image' but the images stage under {images_dir} has no image "
+                                 "for any item (see its status column); drop 'image' or fix the image source")
+            stats.update(image_dim=int(img.shape[1]), items_with_image=int(has.sum()),
+                         items_without_image=int((~has).sum()))
+            emb = pack_image(emb, img, has)
         storage.write_table(storage.join(out, "embeddings", "part-0.parquet"), pa.table({
             "item_idx": pa.array(np.arange(len(emb)), pa.int32()),
             "embedding": pa.array(list(emb), pa.list_(pa.float32()))}))
@@ -85,9 +99,10 @@ def embed_stage(cfg: EmbedConfig, ingest_dir: str, out: str, caption_dir: str | 
     return {"rows": {"items": int(emb.shape[0])}, "stats": stats}
 
 
-def tokenize_stage(cfg: TokenizeConfig, embed_dir: str, out: str) -> dict[str, Any]:
+def tokenize_stage(cfg: TokenizeConfig, embed_dir: str, out: str, image_dim: int = 0) -> dict[str, Any]:
+    """image_dim: the embed stage's image block width (its stats), 0 when it packed no image."""
     emb = load_embeddings(storage.join(embed_dir, "embeddings"))
-    res = run_tokenize(emb, cfg, storage_dir=storage.join(out, "ray"))
+    res = run_tokenize(emb, cfg, storage_dir=storage.join(out, "ray"), image_dim=image_dim)
     storage.write_table(storage.join(out, "sids.parquet"), sid_table(res.sids))
     buf = io.BytesIO()
     torch.save(res.model_state, buf)
@@ -96,7 +111,7 @@ def tokenize_stage(cfg: TokenizeConfig, embed_dir: str, out: str) -> dict[str, A
     storage.write_bytes(storage.join(out, "trie.npz"), SidTrie.from_codes(res.sids, vocab).to_bytes())
     stats = {k: v for k, v in res.stats.items()}
     storage.write_json(storage.join(out, "tokenizer.json"), {
-        "levels": cfg.rqvae.levels, "codebook_size": cfg.rqvae.codebook_size,
+        "levels": cfg.rqvae.levels, "codebook_size": cfg.rqvae.codebook_size, "image_dim": image_dim,
         "stats": stats, "history": res.history,
     })
     return {"rows": {"items": int(res.sids.shape[0])}, "stats": stats}

@@ -92,7 +92,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             print(progress_line(rec, epochs), flush=True)
         ray.train.report(rec)
 
-    model, history = train_rqvae(emb, cfg.rqvae, on_epoch=on_epoch, device=device)
+    model, history = train_rqvae(emb, cfg.rqvae, on_epoch=on_epoch, device=device, image_dim=config["image_dim"])
     last = history[-1]
     if rank != 0:
         ray.train.report(last, checkpoint=None)
@@ -102,7 +102,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, os.path.join(tmp, _MODEL))
         with open(os.path.join(tmp, _META), "w") as f:
-            json.dump({"input_dim": model.input_dim, "rqvae": cfg.rqvae.to_dict(), "history": history}, f)
+            json.dump({"input_dim": model.input_dim, "image_dim": model.image_dim, "rqvae": cfg.rqvae.to_dict(),
+                       "history": history}, f)
         ray.train.report(last, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -121,9 +122,11 @@ def sid_stats(codes: np.ndarray, sids: np.ndarray, model_state: dict, codebook_s
     }
 
 
-def run_tokenize(emb: np.ndarray, cfg: TokenizeConfig, storage_dir: str, name: str | None = None) -> TokenizeResult:
+def run_tokenize(emb: np.ndarray, cfg: TokenizeConfig, storage_dir: str, name: str | None = None,
+                 image_dim: int = 0) -> TokenizeResult:
     """Train the RQ-VAE with Ray Train on emb: (N, D) float (row i = item_idx i) and return
-    the items' SIDs. `storage_dir` (local or s3://) holds Ray Train's run `name` (default:
+    the items' SIDs. image_dim > 0: rows are `digr.fusion.pack_image` rows and the RQ-VAE
+    fuses text and image (W_v, W_f) before quantising. `storage_dir` (local or s3://) holds Ray Train's run `name` (default:
     a fresh timestamped name, because a finished RQ-VAE is cheaper to retrain than to resume).
     """
     import ray
@@ -137,7 +140,7 @@ def run_tokenize(emb: np.ndarray, cfg: TokenizeConfig, storage_dir: str, name: s
     name = name or f"tokenize_{time.strftime('%Y%m%d-%H%M%S')}_{os.urandom(3).hex()}"
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"cfg": cfg, "emb": ray.put(emb)},
+        train_loop_config={"cfg": cfg, "emb": ray.put(emb), "image_dim": image_dim},
         scaling_config=cfg.scaling.to_ray(),
         run_config=RunConfig(
             storage_path=storage.absolute(storage_dir), name=name, checkpoint_config=CheckpointConfig(num_to_keep=1)
@@ -150,7 +153,7 @@ def run_tokenize(emb: np.ndarray, cfg: TokenizeConfig, storage_dir: str, name: s
         state = torch.load(os.path.join(ckpt, _MODEL), map_location="cpu")
         with open(os.path.join(ckpt, _META)) as f:
             meta = json.load(f)
-    model = RQVAE(meta["input_dim"], cfg.rqvae)
+    model = RQVAE(meta["input_dim"], cfg.rqvae, meta.get("image_dim", 0))
     model.load_state_dict(state)
     codes = assign_codes(model, emb)
     sids = add_collision_suffix(codes)

@@ -109,6 +109,32 @@ def test_embed_stage_with_intents_concatenates_content_and_weighted_interest(ray
     np.testing.assert_allclose(emb[1, :384], with_caption(row1)["embedding"][0], atol=1e-5)
 
 
+def test_embed_stage_with_image_appends_vector_and_flag(ray_local, tmp_path) -> None:
+    from digr.embed import load_embeddings
+    from digr.images import IMAGES_SCHEMA
+    from digr.stages import embed_stage
+
+    items, *_ = _evidence_tables()
+    storage.write_table(str(tmp_path / "ingest/items.parquet"), items)
+    images = pa.table({"item_idx": pa.array([0, 1, 2], pa.int32()), "item_id": ["a", "b", "c"],
+                       "status": ["ok", "missing", "fetch_error"], "error": [None, None, "HTTP 404"],
+                       "tags": [[], [], []], "vector": [[0.5, -1.0], None, None]}, schema=IMAGES_SCHEMA)
+    storage.write_table(str(tmp_path / "images/images.parquet"), images)
+    cfg = EmbedConfig(evidence=("image",), batch_size=2)
+    info = embed_stage(cfg, str(tmp_path / "ingest"), str(tmp_path / "embed"), images_dir=str(tmp_path / "images"))
+    assert info["stats"] == {"evidence": ["image"], "image_dim": 2, "items_with_image": 1, "items_without_image": 2,
+                             "dim": 384 + 2 + 1}
+    emb = load_embeddings(str(tmp_path / "embed" / "embeddings"))
+    np.testing.assert_allclose(np.linalg.norm(emb[:, :384], axis=1), 1.0, atol=1e-5)
+    assert emb[:, 384:].tolist() == [[0.5, -1.0, 1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+
+    none = images.set_column(2, "status", pa.array(["missing"] * 3)).set_column(5, "vector", pa.array(
+        [None] * 3, pa.list_(pa.float32())))
+    storage.write_table(str(tmp_path / "images/images.parquet"), none)
+    with pytest.raises(ValueError, match="no image for any item"):
+        embed_stage(cfg, str(tmp_path / "ingest"), str(tmp_path / "embed2"), images_dir=str(tmp_path / "images"))
+
+
 def test_evidence_switch_names_bad_values() -> None:
     with pytest.raises(ValueError, match="embed.evidence"):
         EmbedConfig(evidence=("image_tags",))

@@ -65,3 +65,66 @@ def test_shape_errors_name_the_shapes() -> None:
         m(torch.zeros(2, 2), torch.zeros(2, 3), torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"e_text \(2, 5\)"):
         m(torch.zeros(2, 5), torch.zeros(2, 3), torch.ones(2, dtype=torch.bool))
+
+
+def test_pack_and_unpack_image_rows_by_hand() -> None:
+    import numpy as np
+
+    from digr.fusion import pack_image, unpack_image
+
+    text = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    img = np.array([[5.0, 6.0, 7.0], [np.nan] * 3], np.float32)
+    packed = pack_image(text, img, np.array([True, False]))
+    assert packed.tolist() == [[1, 2, 5, 6, 7, 1], [3, 4, 0, 0, 0, 0]]
+    t, i, h = unpack_image(torch.from_numpy(packed), 3)
+    assert t.tolist() == text.tolist() and i.tolist() == [[5, 6, 7], [0, 0, 0]] and h.tolist() == [True, False]
+    with pytest.raises(ValueError, match="non-finite"):
+        pack_image(text, img, np.array([True, True]))
+
+
+def test_rqvae_with_image_masks_missing_images_and_trains_the_fusion() -> None:
+    import numpy as np
+
+    from digr.fusion import pack_image
+    from digr.rqvae import RQVAE, RQVAEConfig
+
+    cfg = RQVAEConfig(levels=2, codebook_size=4, hidden_dims=(8,), latent_dim=4)
+    torch.manual_seed(0)
+    model = RQVAE(2 + 3 + 1, cfg, image_dim=3)
+    assert model.fusion is not None and model.decoder[-1].out_features == 5  # rebuilds [text; img], not the flag
+    text = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    a = pack_image(text, np.array([[1.0, 2.0, 3.0], [np.nan] * 3], np.float32), np.array([True, False]))
+    # The imageless row's loss is the same whatever its (zeroed) image slots would hold: masked.
+    b = a.copy()
+    b[1, 2:5] = 0.0
+    assert torch.allclose(model(torch.from_numpy(a)).recon_loss, model(torch.from_numpy(b)).recon_loss)
+    # W_v learns only from rows with an image; e_none only from rows without; W_f from both.
+    only_missing = torch.from_numpy(a[1:])
+    model(only_missing).loss.backward()
+    assert float(model.fusion.vis.weight.grad.abs().sum()) == 0.0
+    assert float(model.fusion.e_none.grad.abs().sum()) > 0 and float(model.fusion.fuse.weight.grad.abs().sum()) > 0
+
+
+def test_image_evidence_separates_items_whose_text_is_the_same() -> None:
+    """Two groups with identical text and different images: only the fused RQ-VAE tells them apart."""
+    import numpy as np
+
+    from digr.fusion import pack_image
+    from digr.rqvae import RQVAEConfig, assign_codes, train_rqvae
+
+    rng = np.random.default_rng(0)
+    n = 64
+    text = np.tile(rng.normal(size=(1, 4)), (n, 1)).astype(np.float32) + 0.01 * rng.normal(size=(n, 4)).astype(np.float32)
+    group = np.arange(n) % 2
+    img = (np.where(group[:, None] == 0, 3.0, -3.0) + 0.1 * rng.normal(size=(n, 3))).astype(np.float32)
+    has = np.ones(n, bool)
+    has[::8] = False  # some items have no image: they still get codes
+    img[~has] = np.nan
+    cfg = RQVAEConfig(levels=1, codebook_size=4, hidden_dims=(8,), latent_dim=2, epochs=30, batch_size=16, lr=1e-2,
+                      kmeans_iters=5, dead_code_window=0)
+    emb = pack_image(text, img, has)
+    model, hist = train_rqvae(emb, cfg, image_dim=3)
+    codes = assign_codes(model, emb)[:, 0]
+    assert hist[-1]["recon_loss"] < 0.5 * hist[0]["recon_loss"]
+    # the first-level code follows the image group: no code is shared by the two groups
+    assert not set(codes[has & (group == 0)].tolist()) & set(codes[has & (group == 1)].tolist())

@@ -46,3 +46,21 @@ def test_run_tokenize_rejects_bad_input():
         run_tokenize(np.full((4, 2), np.nan, dtype=np.float32), CFG, storage_dir="/tmp/unused")
     with pytest.raises(ValueError, match="num_workers=2 exceeds"):
         run_tokenize(np.zeros((1, 2), dtype=np.float32), CFG, storage_dir="/tmp/unused")
+
+
+def test_run_tokenize_with_image_fusion(ray_local, tmp_path):
+    """IEID "+ image": packed rows go through W_v / W_f inside the Ray Train worker, and the
+    driver rebuilds the same fused model from the checkpoint."""
+    from digr.fusion import pack_image
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(120, 5)).astype(np.float32)
+    has = rng.random(120) > 0.3
+    img[~has] = np.nan
+    emb = pack_image(rng.normal(size=(120, 16)).astype(np.float32), img, has)
+    cfg = TokenizeConfig(rqvae=CFG.rqvae, scaling=ScalingConfig(num_workers=1), report_every=0)
+    res = run_tokenize(emb, cfg, storage_dir=str(tmp_path), image_dim=5)
+    assert res.sids.shape == (120, 4) and len(np.unique(res.sids, axis=0)) == 120
+    assert res.model_state["fusion.vis.weight"].shape == (16, 5)
+    assert res.model_state["fusion.fuse.weight"].shape == (16, 32)
+    assert res.history[-1]["unique_sid_rate"] == pytest.approx(res.stats["unique_prefixes"] / 120)
