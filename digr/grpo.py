@@ -21,8 +21,9 @@ histories (data parallel; rollouts, rewards and the update all run in the worker
 gradients are averaged by DDP (gloo on CPU, NCCL on GPU) or by a DeepSpeed engine
 (`strategy: deepspeed`, ZeRO stage by config). Rank 0 validates on the valid split, keeps
 the best model, and reports a checkpoint every `checkpoint_every` steps; re-running the same
-command resumes from the last one (for DeepSpeed the optimizer restarts, the weights and the
-step count do not).
+command resumes from the last one: weights, optimizer state and step count (under DeepSpeed
+every rank writes its ZeRO shard with `engine.save_checkpoint` and Ray Train merges the
+workers' folders into one checkpoint).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from digr.scaling import ScalingConfig
 from digr.seqmodel import SidRecommender
 from digr.sft_data import Examples, select_examples
 
+_DS_TAG = "deepspeed"  # sub-folder of a checkpoint with every rank's DeepSpeed shards
 _STATE, _BEST, _META = "grpo_state.pt", "best_model.pt", "meta.json"
 ROLLOUTS = ("sample", "beam")
 STRATEGIES = ("ddp", "deepspeed")
@@ -244,6 +246,13 @@ def _train_loop(config: dict[str, Any]) -> None:
         engine, optimizer, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer,
                                                        config=deepspeed_config(cfg, world))
         module = engine.module
+        if checkpoint is not None:
+            with checkpoint.as_directory() as ckpt_dir:
+                if not os.path.isdir(os.path.join(ckpt_dir, _DS_TAG)):
+                    raise RuntimeError(f"grpo: checkpoint {checkpoint.path} has no DeepSpeed state ({_DS_TAG}/); "
+                                       "it was written with strategy ddp, resume with that strategy")
+                engine.load_checkpoint(ckpt_dir, tag=_DS_TAG, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
     else:
         # No DDP wrapper: the loss is built from the module's parts (encoder, decoder steps),
         # never from one call of a wrapper's forward, so `_sync_grads` averages the gradients.
@@ -312,10 +321,15 @@ def _train_loop(config: dict[str, Any]) -> None:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
             current = full_state()  # a collective under ZeRO-3: every rank takes part
-            if rank != 0:
+            if rank != 0 and engine is None:
                 ray.train.report(metrics, checkpoint=None)
                 continue
             with tempfile.TemporaryDirectory() as tmp:
+                if engine is not None:  # a collective: every rank writes its own optimizer (and ZeRO) shard
+                    engine.save_checkpoint(tmp, tag=_DS_TAG, save_latest=False)
+                if rank != 0:
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                    continue
                 payload = {"model": current, "state": dataclasses.asdict(state)}
                 if cfg.strategy != "deepspeed":
                     payload["optimizer"] = optimizer.state_dict()
