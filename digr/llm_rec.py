@@ -12,8 +12,13 @@ Tasks (each a prompt and the completion the loss is taken on):
 Decoding: `TrieLogitsProcessor` masks every token but the trie's children of the SID prefix
 generated so far, so transformers' own beam search (or vLLM's, through the same processor)
 only ever emits SIDs of real items; `recommend_llm` returns distinct top-K items.
+GRPO: `llm_grpo_step` is the SID model's GRPO (`digr.grpo`: the same rewards, group
+advantages and clipped loss with KL to the frozen SFT copy) with rollouts from transformers'
+`generate` under the same processor (sampling or beam-as-group) and per-token log-probs from
+one teacher-forced forward, renormalised over the trie's allowed codes.
 On GPU a Qwen2.5-class model by config (`LLMRecConfig.model`); here SmolLM2-135M-Instruct.
-Not yet: a Ray Train wrapper (this trains in one process) and GRPO on this backbone.
+Not yet: a Ray Train wrapper (SFT and GRPO on this backbone train in one process, `train_backbone`
+and `train_llm_grpo`).
 """
 
 from __future__ import annotations
@@ -230,16 +235,22 @@ def train_backbone(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], cfg
     return losses
 
 
-@torch.no_grad()
-def recommend_llm(model: Any, tokenizer: Any, table: torch.Tensor, trie: SidTrie, sids: np.ndarray,
-                  histories: list[list[int]], max_history: int, beam_size: int = 10, top_k: int = 10) -> np.ndarray:
-    """B histories -> (B, top_k) item_idx by constrained beam search (-1 past the distinct items found)."""
+def next_item_prompts(tokenizer: Any, sids: np.ndarray, histories: list[list[int]], max_history: int) -> Any:
+    """The next_sid prompts of B histories, left-padded (so generation starts at one column)."""
     prompts = [f"A user bought, oldest first: {' '.join(sid_text(sids[i]) for i in h[-max_history:])}. Next item:"
                for h in histories]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     tokenizer.padding_side = side
+    return enc
+
+
+@torch.no_grad()
+def recommend_llm(model: Any, tokenizer: Any, table: torch.Tensor, trie: SidTrie, sids: np.ndarray,
+                  histories: list[list[int]], max_history: int, beam_size: int = 10, top_k: int = 10) -> np.ndarray:
+    """B histories -> (B, top_k) item_idx by constrained beam search (-1 past the distinct items found)."""
+    enc = next_item_prompts(tokenizer, sids, histories, max_history)
     proc = TrieLogitsProcessor(trie, table, enc["input_ids"].shape[1], tokenizer.eos_token_id)
     k = min(top_k, beam_size)
     out = model.generate(**enc, num_beams=beam_size, num_return_sequences=k, max_new_tokens=trie.vocab.sid_len,
@@ -260,3 +271,134 @@ def recommend_llm(model: Any, tokenizer: Any, table: torch.Tensor, trie: SidTrie
                 seen.append(int(i))
         ranked[r, : len(seen)] = seen
     return ranked
+
+
+# ---------------------------------------------------------------- GRPO on the LLM backbone
+
+
+def _to_codes(proc: TrieLogitsProcessor, tokens: torch.Tensor) -> torch.Tensor:
+    """Generated token ids (..., L) -> level codes, -1 for a token that is no SID token."""
+    inside = tokens < len(proc.to_code)
+    return torch.where(inside, proc.to_code[tokens.clamp(max=len(proc.to_code) - 1)], torch.full_like(tokens, -1))
+
+
+@torch.no_grad()
+def llm_rollout(model: Any, tokenizer: Any, table: torch.Tensor, trie: SidTrie, sids: np.ndarray,
+                histories: list[list[int]], max_history: int, group_size: int, mode: str = "sample",
+                temperature: float = 1.0, generator: torch.Generator | None = None) -> dict[str, Any]:
+    """G SIDs per history from `generate` under the trie processor ("sample": temperature
+    sampling with no top-k/top-p cut; "beam": the G best beams, MiniOneRec's beam-as-group).
+    -> {"enc": the left-padded prompts, "tokens": (B*G, L) generated ids, "codes": (B, G, L),
+        "items": (B, G) item_idx, "rank": (B, G) for beams, else None}."""
+    enc = next_item_prompts(tokenizer, sids, histories, max_history)
+    prompt_len, sid_len = enc["input_ids"].shape[1], trie.vocab.sid_len
+    proc = TrieLogitsProcessor(trie, table, prompt_len, tokenizer.eos_token_id)
+    common = dict(max_new_tokens=sid_len, logits_processor=[proc], num_return_sequences=group_size,
+                  pad_token_id=tokenizer.pad_token_id)
+    if mode == "beam":
+        out = model.generate(**enc, num_beams=group_size, do_sample=False, early_stopping=True, **common)
+    else:
+        seed = int(torch.randint(2**62, (1,), generator=generator)) if generator is not None else None
+        with torch.random.fork_rng(devices=[]):  # generate samples from the global RNG
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, **common)
+    tokens = out[:, prompt_len:prompt_len + sid_len].cpu()
+    codes = _to_codes(proc, tokens)
+    if bool((codes < 0).any()):
+        raise RuntimeError("llm_rollout: generate emitted a token outside the SID vocabulary under the trie processor")
+    items = trie.lookup(codes).view(len(histories), group_size)
+    rank = torch.arange(group_size).expand_as(items) if mode == "beam" else None
+    return {"enc": enc, "tokens": tokens, "codes": codes.view(len(histories), group_size, sid_len), "items": items,
+            "rank": rank}
+
+
+def llm_constrained_logprobs(model: Any, enc: Any, tokens: torch.Tensor, table: torch.Tensor,
+                             trie: SidTrie) -> torch.Tensor:
+    """Teacher-forced per-token log-probs of generated SIDs under the trie-masked softmax.
+
+    enc: B left-padded prompts; tokens: (B*G, L) SID token ids, G rows per prompt in order.
+    -> (B*G, L): log p(code_l | prompt, code_<l) renormalised over the codes the trie allows
+    after code_<l, as `TrieLogitsProcessor` decodes. One forward; logits are kept for the last
+    L + 1 positions only (the vocabulary is ~50k wide)."""
+    n, sid_len = tokens.shape
+    rep = n // enc["input_ids"].shape[0]
+    ids = torch.cat([enc["input_ids"].repeat_interleave(rep, 0), tokens], dim=1)
+    mask = torch.cat([enc["attention_mask"].repeat_interleave(rep, 0), torch.ones_like(tokens)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate uses with left padding
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=sid_len + 1).logits
+    codes = torch.stack([(table[lv] == tokens[:, lv:lv + 1]).int().argmax(-1) for lv in range(sid_len)], dim=1)
+    nodes = torch.zeros(n, dtype=torch.long)
+    out = []
+    for lv in range(sid_len):
+        size = trie.vocab.level_size(lv)
+        level_logits = logits[:, lv, table[lv, :size]]                   # (N, size): position P - 1 + lv
+        allowed = trie.allowed(lv, nodes)
+        logp = torch.log_softmax(level_logits.masked_fill(~allowed, float("-inf")), dim=-1)
+        out.append(logp.gather(1, codes[:, lv:lv + 1]).squeeze(1))
+        nodes = trie.step(lv, nodes, codes[:, lv])
+    return torch.stack(out, dim=1)
+
+
+def llm_grpo_step(policy: Any, reference: Any, tokenizer: Any, table: torch.Tensor, trie: SidTrie,
+                  sids: np.ndarray, histories: list[list[int]], targets: torch.Tensor, quality: torch.Tensor,
+                  cfg: Any, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """`digr.grpo.grpo_step` for the LLM backbone. cfg: a `GRPOConfig` (group_size, rollout,
+    temperature, max_history, clip_eps, beta, reward). targets: (B,) item_idx; quality: (N_items,)."""
+    from digr.grpo import group_advantages, grpo_loss
+    from digr.rewards import RewardInputs, total_reward
+
+    policy.eval()  # no (LoRA) dropout in RL: rollout and update see the same function
+    t0 = time.perf_counter()
+    roll = llm_rollout(policy, tokenizer, table, trie, sids, histories, cfg.max_history, cfg.group_size, cfg.rollout,
+                       cfg.temperature, generator)
+    rollout_s = time.perf_counter() - t0
+    sids_t = torch.as_tensor(sids)
+    inputs = RewardInputs(items=roll["items"], sids=roll["codes"], target=targets, target_sids=sids_t[targets],
+                          levels=trie.vocab.levels, quality=quality[targets], rank=roll["rank"])
+    rewards, parts = total_reward(inputs, cfg.reward)
+    adv = group_advantages(rewards)
+    shape = roll["codes"].shape
+    with torch.no_grad():
+        old = llm_constrained_logprobs(policy, roll["enc"], roll["tokens"], table, trie).view(shape)
+        ref = llm_constrained_logprobs(reference, roll["enc"], roll["tokens"], table, trie).view(shape)
+    new = llm_constrained_logprobs(policy, roll["enc"], roll["tokens"], table, trie).view(shape)
+    loss, stats = grpo_loss(new, old, ref, adv, cfg.clip_eps, cfg.beta)
+    stats.update({f"reward_{k}": v for k, v in parts.items()})
+    stats["reward"] = float(rewards.mean())
+    stats["hit_rate"] = float((roll["items"] == targets.unsqueeze(1)).any(dim=1).float().mean())
+    stats["rollout_s"] = rollout_s
+    stats["rollouts_per_s"] = roll["items"].numel() / max(rollout_s, 1e-9)
+    return loss, stats
+
+
+def train_llm_grpo(policy: Any, tokenizer: Any, table: torch.Tensor, trie: SidTrie, sids: np.ndarray,
+                   histories: list[list[int]], targets: np.ndarray, quality: np.ndarray | None, cfg: Any,
+                   log: Callable[[str], None] = print) -> list[dict[str, float]]:
+    """`cfg.steps` GRPO updates (`cfg`: a `GRPOConfig`) of `policy` in place, each on a seeded
+    batch of `cfg.batch_size` training rows, against a frozen copy of the policy as it came in
+    (the SFT reference). -> one stats dict per step."""
+    import copy
+
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    q = torch.zeros(len(sids)) if quality is None else torch.as_tensor(np.nan_to_num(quality), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history, t0 = [], time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        rng = np.random.default_rng([cfg.seed, step])
+        idx = rng.choice(len(histories), size=min(cfg.batch_size, len(histories)), replace=False)
+        loss, stats = llm_grpo_step(policy, reference, tokenizer, table, trie, sids, [histories[i] for i in idx],
+                                    torch.as_tensor(targets[idx]), q, cfg, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        history.append({"step": step, "loss": float(loss.detach()), **stats})
+        if step % 10 == 0 or step == cfg.steps:
+            rate = (time.perf_counter() - t0) / step
+            log(f"llm grpo step {step}/{cfg.steps} reward {np.mean([h['reward'] for h in history[-10:]]):.3f} "
+                f"kl {stats['kl']:.4f} {rate:.1f} s/step ETA {(cfg.steps - step) * rate / 60:.1f} min")
+    return history
