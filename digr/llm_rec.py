@@ -17,8 +17,10 @@ advantages and clipped loss with KL to the frozen SFT copy) with rollouts from t
 `generate` under the same processor (sampling or beam-as-group) and per-token log-probs from
 one teacher-forced forward, renormalised over the trie's allowed codes.
 On GPU a Qwen2.5-class model by config (`LLMRecConfig.model`); here SmolLM2-135M-Instruct.
-Not yet: a Ray Train wrapper (SFT and GRPO on this backbone train in one process, `train_backbone`
-and `train_llm_grpo`).
+Ray wrapper: `run_llm_sft` runs the SFT on a Ray Train `TorchTrainer` (DDP, gloo on CPU, NCCL
+on GPU; each worker trains on its shard of the pairs) and checkpoints the adapter, the
+tokenizer and the SID token table (`save_backbone` / `load_trained_backbone`). Not yet: GRPO on
+this backbone inside Ray Train (`train_llm_grpo` runs in one process) and mid-run resume.
 """
 
 from __future__ import annotations
@@ -216,10 +218,12 @@ def train_backbone(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], cfg
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
     model.train()
+    device = next(model.parameters()).device
     losses, t0 = [], time.perf_counter()
     for step in range(cfg.steps):
         start = (step * cfg.batch_size) % max(1, len(pairs))
         batch = encode_pairs(tokenizer, (pairs + pairs)[start:start + cfg.batch_size], cfg.max_len)
+        batch = {k: v.to(device) for k, v in batch.items()}
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -402,3 +406,88 @@ def train_llm_grpo(policy: Any, tokenizer: Any, table: torch.Tensor, trie: SidTr
             log(f"llm grpo step {step}/{cfg.steps} reward {np.mean([h['reward'] for h in history[-10:]]):.3f} "
                 f"kl {stats['kl']:.4f} {rate:.1f} s/step ETA {(cfg.steps - step) * rate / 60:.1f} min")
     return history
+
+
+# ---------------------------------------------------------------- persistence + Ray Train
+
+
+def save_backbone(model: Any, tokenizer: Any, table: torch.Tensor, path: str, base: str,
+                  extra: dict[str, Any] | None = None) -> None:
+    """The trained backbone as a folder: the adapter (with the full SID-extended embedding and
+    LM head that LoRA's `modules_to_save` keeps), the tokenizer with its SID tokens, the SID
+    token table and `llm_rec.json` naming the base model."""
+    import json
+    import os
+
+    model = getattr(model, "module", model)  # a DDP wrapper
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    torch.save(table, os.path.join(path, "sid_table.pt"))
+    with open(os.path.join(path, "llm_rec.json"), "w") as f:
+        json.dump({"base": base, **(extra or {})}, f, indent=2)
+
+
+def load_trained_backbone(path: str) -> tuple[Any, Any, torch.Tensor]:
+    """`save_backbone`'s folder -> (model in eval mode, tokenizer, SID token table)."""
+    import json
+    import os
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with open(os.path.join(path, "llm_rec.json")) as f:
+        meta = json.load(f)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForCausalLM.from_pretrained(meta["base"])
+    base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model = PeftModel.from_pretrained(base, path)
+    return model.eval(), tokenizer, torch.load(os.path.join(path, "sid_table.pt"))
+
+
+def _llm_sft_loop(config: dict[str, Any]) -> None:
+    import tempfile
+
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from digr.llm import resolve_model_dir
+
+    cfg: LLMRecConfig = config["cfg"]
+    pairs: list[tuple[str, str]] = ray.get(config["pairs"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)  # the same initial SID rows and adapters on every rank
+    model, tokenizer, table = load_backbone(cfg, config["vocab"])
+    model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moved to the worker's device
+    losses = train_backbone(model, tokenizer, pairs[rank::world], cfg, log=print if rank == 0 else (lambda _: None))
+    metrics = {"loss": float(np.mean(losses[-10:])), "first_loss": float(np.mean(losses[:10]))}
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_backbone(model, tokenizer, table, tmp, resolve_model_dir(cfg.model), {"losses": losses})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def run_llm_sft(pairs: list[tuple[str, str]], vocab: SidVocab, cfg: LLMRecConfig, storage_dir: str,
+                scaling: Any = None, name: str = "llm_sft") -> str:
+    """SFT of the LLM backbone on Ray Train; -> the checkpoint folder (`load_trained_backbone`).
+    scaling: a `digr.scaling.ScalingConfig` (default: one CPU worker)."""
+    import ray
+    from ray.train import RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from digr import storage
+    from digr.scaling import ScalingConfig
+
+    if not pairs:
+        raise ValueError("run_llm_sft: no training pairs")
+    scaling = scaling or ScalingConfig()
+    trainer = TorchTrainer(_llm_sft_loop, train_loop_config={"cfg": cfg, "vocab": vocab, "pairs": ray.put(pairs)},
+                           scaling_config=scaling.to_ray(),
+                           run_config=RunConfig(storage_path=storage.absolute(storage_dir), name=name))
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"llm sft run {name!r} under {storage_dir} finished without a checkpoint")
+    return result.checkpoint.path

@@ -171,3 +171,32 @@ def test_train_llm_grpo_loop_runs_beam_groups(tiny) -> None:
                          np.array([(i + 2) % 12 for i in range(6)]), None, cfg, log=lambda _: None)
     assert [h["step"] for h in out] == [1, 2] and all(np.isfinite(h["loss"]) for h in out)
     assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), model.parameters()))
+
+
+def test_run_llm_sft_on_ray_train_two_workers(ray_local, tmp_path) -> None:
+    """DDP over 2 gloo workers on a tiny random Llama saved as the base model; the checkpoint
+    loads back (adapter + SID tokens) and decodes only real items."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from digr.llm import smollm2_dir
+    from digr.llm_rec import load_trained_backbone, run_llm_sft
+    from digr.scaling import ScalingConfig
+
+    base_dir = tmp_path / "base"
+    tok = AutoTokenizer.from_pretrained(smollm2_dir())
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                 tie_word_embeddings=True)).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    hist = [[(i - 1) % 12, i] for i in range(12)]
+    pairs = task_pairs(hist, [(i + 1) % 12 for i in range(12)], CODES, [""] * 13, None, ("next_sid",), 10,
+                       np.random.default_rng(0))
+    cfg = LLMRecConfig(model=str(base_dir), steps=6, batch_size=4, lr=1e-2, tasks=("next_sid",),
+                       target_modules=("q_proj", "v_proj"))
+    path = run_llm_sft(pairs, VOCAB, cfg, str(tmp_path / "ray"), ScalingConfig(num_workers=2), name="llm")
+    model, tok2, table = load_trained_backbone(path)
+    assert len(tok2) == len(tok) + int((table >= 0).sum()) and table.shape == (3, 4)
+    ranked = recommend_llm(model, tok2, table, SidTrie.from_codes(CODES, VOCAB), CODES, hist[:3], 10, beam_size=4,
+                           top_k=4)
+    assert ranked.shape == (3, 4) and bool((ranked >= 0).all()) and bool((ranked < 13).all())
