@@ -47,6 +47,7 @@ class ServeConfig:
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.005
     max_queued_requests: int = 128         # per model replica; beyond it requests get 503 (no unbounded backlog)
+    additions_dir: str = ""                 # journal of items added while serving (local or s3://); "" = memory only
 
     def __post_init__(self) -> None:
         if self.max_k < 1 or self.beam_size < 1:
@@ -186,13 +187,28 @@ class AdditionLog:
     gateway and model replica syncs from, so all replicas (and replicas the autoscaler starts
     later) serve the same catalogue. Optimistic concurrency: `append(..., known)` is refused
     unless `known` is the current size, so two writers can never hand out the same item_idx
-    or the same collision suffix. Hosted in a named Ray actor by `serve/app.py`; pure here."""
+    or the same collision suffix. Hosted in a named Ray actor by `serve/app.py`; pure here.
 
-    def __init__(self, base: int) -> None:
+    journal: a folder (local or s3://) where every accepted batch is written, as
+    `batch-<start>.json`, before the append is acknowledged; a new log replays it, so added
+    items survive a cluster restart. "" keeps the log in memory only."""
+
+    def __init__(self, base: int, journal: str = "") -> None:
         if base < 0:
             raise ValueError(f"AdditionLog: base must be >= 0, got {base}")
         self.base = base              # items in the trained catalogue
+        self.journal = journal
         self.batches: list[Addition] = []
+        if journal:
+            from digr import storage
+
+            for uri in storage.list_files(journal, ".json"):
+                d = storage.read_json(uri)
+                if d.get("start") != self.size():
+                    raise ValueError(f"{uri}: starts at item {d.get('start')}, the journal before it ends at "
+                                     f"{self.size()} (a file is missing, or the journal is another run's)")
+                self.batches.append(Addition(d["start"], tuple(d["item_ids"]), tuple(d["titles"]),
+                                             tuple(tuple(s) for s in d["sids"]), tuple(tuple(v) for v in d["vectors"])))
 
     def size(self) -> int:
         return self.base + sum(len(b.item_ids) for b in self.batches)
@@ -208,8 +224,15 @@ class AdditionLog:
         clash = [i for i in item_ids if i in seen]
         if clash:
             raise ValueError(f"item_id {clash[0]!r} was already added")
-        self.batches.append(Addition(known, tuple(item_ids), tuple(titles), tuple(tuple(map(int, s)) for s in sids),
-                                     tuple(tuple(map(float, v)) for v in vectors)))
+        batch = Addition(known, tuple(item_ids), tuple(titles), tuple(tuple(map(int, s)) for s in sids),
+                         tuple(tuple(map(float, v)) for v in vectors))
+        if self.journal:  # written first: an acknowledged batch is never lost
+            from digr import storage
+
+            storage.write_json(storage.join(self.journal, f"batch-{known:09d}.json"), {
+                "start": known, "item_ids": list(batch.item_ids), "titles": list(batch.titles),
+                "sids": [list(s) for s in batch.sids], "vectors": [list(v) for v in batch.vectors]})
+        self.batches.append(batch)
         return known
 
     def since(self, known: int) -> list[Addition]:

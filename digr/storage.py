@@ -43,6 +43,17 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """The files directly under folder `uri` whose names end in `suffix`, sorted, as URIs
+    (local paths or s3://...); [] when the folder does not exist."""
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    names = sorted(f.base_name for f in fs.get_file_info(pafs.FileSelector(path))
+                   if f.type == pafs.FileType.File and f.base_name.endswith(suffix))
+    return [join(uri, n) for n in names]
+
+
 def makedirs(uri: str) -> None:
     fs, path = _fs(uri)
     fs.create_dir(path, recursive=True)

@@ -38,15 +38,16 @@ VARIANT_HEADER = "x-digr-variant"
 api = FastAPI(title="digr recommender", version="1", description=__doc__)
 
 
-def addition_log(name: str, base: int) -> Any:
+def addition_log(name: str, base: int, journal: str = "") -> Any:
     """The app's `AdditionLog` actor (created by whichever replica asks first). Detached, so
     it outlives any one replica: replicas that die, or that the autoscaler adds later, sync
-    from it. It lives as long as the Ray cluster; it is named after the run directory, so
-    the additions belong to that run's codebook. No CPU reserved: it only keeps lists."""
+    from it. It lives as long as the Ray cluster, and with a journal (`additions_dir`) its
+    batches outlive the cluster too; it is named after the run directory, so the additions
+    belong to that run's codebook. No CPU reserved: it only keeps lists."""
     import ray
 
     return ray.remote(AdditionLog).options(name=name, get_if_exists=True, lifetime="detached", num_cpus=0,
-                                            max_concurrency=1).remote(base)
+                                            max_concurrency=1).remote(base, journal)
 
 
 def model_version(model_dir: str) -> str:
@@ -66,7 +67,8 @@ class Recommender:
     """One model version: history item_idx lists -> top-k (item_idx, score) by constrained beam search."""
 
     def __init__(self, model_dir: str, trie_uri: str, beam_size: int, max_history: int,
-                 max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005, log_name: str = "") -> None:
+                 max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005, log_name: str = "",
+                 additions_dir: str = "") -> None:
         import ray
 
         from digr import storage
@@ -80,7 +82,7 @@ class Recommender:
         self.version = model_version(model_dir)
         self.recommend_batch.set_max_batch_size(max_batch_size)
         self.recommend_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.log = addition_log(log_name, self.model.n_items) if log_name else None
+        self.log = addition_log(log_name, self.model.n_items, additions_dir) if log_name else None
         if self.log is not None:  # a replica started after items were added serves them too
             self._apply(ray.get(self.log.since.remote(self.model.n_items)))
 
@@ -92,6 +94,8 @@ class Recommender:
         """New items (`Addition`s: SIDs from the frozen tokenizer, content vectors) appended as
         the next item_idx values: the trie and the model's item tables grow, no restart."""
         for b in batches:
+            if b.start < self.model.n_items:
+                continue  # applied already (batches are whole, so start < n_items means all of it)
             if b.start != self.model.n_items:
                 raise RuntimeError(f"addition starts at {b.start}, the model has {self.model.n_items} items")
             codes = torch.tensor(b.sids, dtype=torch.long)
@@ -170,12 +174,15 @@ class Gateway:
         self.info: dict[str, dict[str, Any]] = {}
         self.metrics = _metrics()
         self.tokenizer = None  # the frozen embed + RQ-VAE, loaded on the first POST /items
-        self.log = addition_log(log_name, items.num_rows) if log_name else None
+        self.log = addition_log(log_name, items.num_rows, self.cfg.additions_dir) if log_name else None
         if self.log is not None:
             self._apply(ray.get(self.log.since.remote(len(self.catalogue.item_ids))))
 
     def _apply(self, batches: list[Any]) -> None:
+        """Idempotent: two coroutines of this replica may fetch the same batches."""
         for b in batches:
+            if b.start < len(self.catalogue.item_ids):
+                continue
             self.catalogue.add(list(b.item_ids), list(b.titles), np.asarray(b.sids, dtype=np.int64).reshape(
                 len(b.item_ids), -1))
 
@@ -255,16 +262,18 @@ class Gateway:
                 except ValueError as e:
                     raise RequestError(409, f"items: {e}") from e
                 if self.log is None:
+                    idx = self.catalogue.add(ids, titles, sids)
                     break
                 try:
-                    await self.log.append.remote(len(self.catalogue.item_ids), ids, titles, sids.tolist(),
-                                                 vectors.tolist())
-                    break
+                    start = await self.log.append.remote(len(self.catalogue.item_ids), ids, titles, sids.tolist(),
+                                                         vectors.tolist())
                 except AdditionConflict:
                     continue
+                await self._sync()  # applies this batch (unless a request of ours already synced it)
+                idx = list(range(start, start + len(ids)))
+                break
             else:
                 raise RequestError(503, "items: the catalogue kept changing under this request, retry later")
-            idx = self.catalogue.add(ids, titles, sids)
             self.info.clear()
             out = {"request_id": request_id, "added": [{"item_id": r["item_id"], "item_idx": i, "sid": s}
                                                        for r, i, s in zip(rows, idx, sids.tolist())]}
@@ -356,7 +365,8 @@ def build(args: dict[str, Any]) -> Any:
     log_name = "digr-items-" + hashlib.sha256(storage.absolute(cfg.run_dir).encode()).hexdigest()[:12]
     handles = {
         v.name: Recommender.options(name=f"model_{v.name}", max_queued_requests=cfg.max_queued_requests).bind(
-            v.model_dir, trie, cfg.beam_size, max_history, cfg.max_batch_size, cfg.batch_wait_timeout_s, log_name)
+            v.model_dir, trie, cfg.beam_size, max_history, cfg.max_batch_size, cfg.batch_wait_timeout_s, log_name,
+            cfg.additions_dir)
         for v in variants
     }
     weights = {"weights": {v.name: v.weight for v in variants}}

@@ -281,3 +281,21 @@ def test_images_stage_on_a_catalogue_over_loopback(ray_local, server, tmp_path) 
     assert vectors.shape == (8, 1280) and has.tolist() == [True, True, True] + [False] * 5
     assert np.isnan(vectors[~has]).all() and not np.isnan(vectors[has]).any()
     assert np.allclose(vectors[0], by_id["coffee"]["vector"]) and not math.isnan(float(vectors[1, 0]))
+
+    # ... and on into the tokenizer (IEID "+ image"): the real image vectors are fused with
+    # the text before quantisation; the five items without a usable image still get SIDs.
+    from digr.embed import EmbedConfig
+    from digr.rqvae import RQVAEConfig
+    from digr.scaling import ScalingConfig
+    from digr.stages import embed_stage, tokenize_stage
+    from digr.tokenize import TokenizeConfig
+
+    info = embed_stage(EmbedConfig(fields=("title",), evidence=("image",), batch_size=4), str(ingest),
+                       str(tmp_path / "embed"), images_dir=str(tmp_path / "images"))
+    assert info["stats"]["image_dim"] == 1280 and info["stats"]["items_with_image"] == 3
+    tok = TokenizeConfig(rqvae=RQVAEConfig(levels=2, codebook_size=4, hidden_dims=(32,), latent_dim=8, epochs=5,
+                                           batch_size=8, kmeans_iters=3, dead_code_window=0),
+                         scaling=ScalingConfig(num_workers=1), report_every=0)
+    out = tokenize_stage(tok, str(tmp_path / "embed"), str(tmp_path / "tokenize"), image_dim=1280)
+    assert out["rows"] == {"items": 8} and out["stats"]["unique_sids"] == 8
+    assert storage.read_json(str(tmp_path / "tokenize" / "tokenizer.json"))["image_dim"] == 1280

@@ -95,6 +95,20 @@ def test_addition_log_is_append_only_with_optimistic_concurrency() -> None:
         log.since(9)
 
 
+def test_addition_log_journal_replays_after_a_restart(tmp_path) -> None:
+    from digr.serving import AdditionLog
+
+    journal = str(tmp_path / "additions")
+    log = AdditionLog(base=3, journal=journal)
+    log.append(3, ["a", "b"], ["A", "B"], [[0, 1, 0], [0, 1, 1]], [[0.5], [1.5]])
+    log.append(5, ["c"], ["C"], [[1, 1, 0]], [[0.25]])
+    again = AdditionLog(base=3, journal=journal)  # a new actor after the cluster restarted
+    assert again.size() == 6 and again.since(3) == log.since(3)
+    (tmp_path / "additions" / "batch-000000003.json").unlink()
+    with pytest.raises(ValueError, match="batch-000000005.json: starts at item 5"):
+        AdditionLog(base=3, journal=journal)
+
+
 def test_model_add_items_makes_a_new_item_reachable() -> None:
     from digr.decode import constrained_logprobs
     from digr.seqmodel import ModelConfig, SidRecommender, SidVocab
@@ -171,6 +185,7 @@ def test_serve_app_over_http(ray_local, tmp_path) -> None:
     port = 18123
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"run_dir": run, "max_k": 5, "beam_size": 5, "max_body_bytes": 2000, "max_request_items": 50,
+            "additions_dir": str(tmp_path / "additions"),
             "variants": [{"name": "a", "model_dir": f"{run}/sft/model", "weight": 1.0},
                          {"name": "b", "model_dir": f"{run}/sft/model", "weight": 1.0}]}
     serve.run(build(args), name="digr-test", route_prefix="/", blocking=False)
@@ -214,6 +229,7 @@ def test_serve_app_over_http(ray_local, tmp_path) -> None:
         status, added = _post(f"{url}/items", json.dumps({"items": [{"item_id": "new1", "title": "A brand new thing"}]}).encode())
         assert status == 200, added
         assert added["added"][0]["item_idx"] == 12 and len(added["added"][0]["sid"]) == 3
+        assert (tmp_path / "additions" / "batch-000000012.json").exists()  # journalled before the 200
         status, out = _post(f"{url}/recommend", b'{"history": ["new1", "i2"], "k": 3}')
         assert status == 200 and out["unknown_items"] == [] and out["history_used"] == 2
         assert _post(f"{url}/items", json.dumps({"items": [{"item_id": "new1", "title": "again"}]}).encode())[0] == 409
