@@ -257,7 +257,8 @@ def recommend_llm(model: Any, tokenizer: Any, table: torch.Tensor, trie: SidTrie
     enc = next_item_prompts(tokenizer, sids, histories, max_history)
     proc = TrieLogitsProcessor(trie, table, enc["input_ids"].shape[1], tokenizer.eos_token_id)
     k = min(top_k, beam_size)
-    out = model.generate(**enc, num_beams=beam_size, num_return_sequences=k, max_new_tokens=trie.vocab.sid_len,
+    device = next(model.parameters()).device
+    out = model.generate(**{key: v.to(device) for key, v in enc.items()}, num_beams=beam_size, num_return_sequences=k, max_new_tokens=trie.vocab.sid_len,
                          logits_processor=[proc], do_sample=False, pad_token_id=tokenizer.pad_token_id,
                          early_stopping=True)
     gen = out[:, enc["input_ids"].shape[1]: enc["input_ids"].shape[1] + trie.vocab.sid_len].cpu()
@@ -299,14 +300,16 @@ def llm_rollout(model: Any, tokenizer: Any, table: torch.Tensor, trie: SidTrie, 
     proc = TrieLogitsProcessor(trie, table, prompt_len, tokenizer.eos_token_id)
     common = dict(max_new_tokens=sid_len, logits_processor=[proc], num_return_sequences=group_size,
                   pad_token_id=tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    on_device = {k: v.to(device) for k, v in enc.items()}
     if mode == "beam":
-        out = model.generate(**enc, num_beams=group_size, do_sample=False, early_stopping=True, **common)
+        out = model.generate(**on_device, num_beams=group_size, do_sample=False, early_stopping=True, **common)
     else:
         seed = int(torch.randint(2**62, (1,), generator=generator)) if generator is not None else None
         with torch.random.fork_rng(devices=[]):  # generate samples from the global RNG
             if seed is not None:
                 torch.manual_seed(seed)
-            out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, **common)
+            out = model.generate(**on_device, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, **common)
     tokens = out[:, prompt_len:prompt_len + sid_len].cpu()
     codes = _to_codes(proc, tokens)
     if bool((codes < 0).any()):
@@ -327,19 +330,22 @@ def llm_constrained_logprobs(model: Any, enc: Any, tokens: torch.Tensor, table: 
     L + 1 positions only (the vocabulary is ~50k wide)."""
     n, sid_len = tokens.shape
     rep = n // enc["input_ids"].shape[0]
-    ids = torch.cat([enc["input_ids"].repeat_interleave(rep, 0), tokens], dim=1)
-    mask = torch.cat([enc["attention_mask"].repeat_interleave(rep, 0), torch.ones_like(tokens)], dim=1)
+    tokens = tokens.cpu()
+    ids = torch.cat([enc["input_ids"].cpu().repeat_interleave(rep, 0), tokens], dim=1)
+    mask = torch.cat([enc["attention_mask"].cpu().repeat_interleave(rep, 0), torch.ones_like(tokens)], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate uses with left padding
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=sid_len + 1).logits
+    device = next(model.parameters()).device
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                   logits_to_keep=sid_len + 1).logits
     codes = torch.stack([(table[lv] == tokens[:, lv:lv + 1]).int().argmax(-1) for lv in range(sid_len)], dim=1)
     nodes = torch.zeros(n, dtype=torch.long)
     out = []
     for lv in range(sid_len):
         size = trie.vocab.level_size(lv)
-        level_logits = logits[:, lv, table[lv, :size]]                   # (N, size): position P - 1 + lv
-        allowed = trie.allowed(lv, nodes)
+        level_logits = logits[:, lv, table[lv, :size].to(logits.device)]  # (N, size): position P - 1 + lv
+        allowed = trie.allowed(lv, nodes).to(logits.device)
         logp = torch.log_softmax(level_logits.masked_fill(~allowed, float("-inf")), dim=-1)
-        out.append(logp.gather(1, codes[:, lv:lv + 1]).squeeze(1))
+        out.append(logp.gather(1, codes[:, lv:lv + 1].to(logits.device)).squeeze(1))
         nodes = trie.step(lv, nodes, codes[:, lv])
     return torch.stack(out, dim=1)
 
