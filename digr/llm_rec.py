@@ -158,6 +158,12 @@ class TrieLogitsProcessor(LogitsProcessor):
             ok = token_table[lv] >= 0
             self.to_code[token_table[lv][ok]] = torch.arange(int(ok.sum()))
 
+    def codes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (any shape) -> their SID codes, -1 for a token that is no SID token."""
+        tokens = tokens.cpu()
+        inside = tokens < len(self.to_code)
+        return torch.where(inside, self.to_code[tokens.clamp(max=len(self.to_code) - 1)], torch.full_like(tokens, -1))
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = input_ids.shape[1] - self.prompt_len
         masked = torch.full_like(scores, float("-inf"))
@@ -167,9 +173,7 @@ class TrieLogitsProcessor(LogitsProcessor):
             return masked
         nodes = torch.zeros(input_ids.shape[0], dtype=torch.long)
         for lv in range(step):
-            tok = input_ids[:, self.prompt_len + lv].cpu()
-            code = torch.where(tok < len(self.to_code), self.to_code[tok.clamp(max=len(self.to_code) - 1)],
-                               torch.full_like(tok, -1))
+            code = self.codes(input_ids[:, self.prompt_len + lv])
             nodes = torch.where(code >= 0, self.trie.step(lv, nodes, code.clamp(min=0)), torch.full_like(nodes, -1))
         allowed = self.trie.allowed(step, nodes)  # (N, level_size)
         size = allowed.shape[1]
@@ -258,13 +262,12 @@ def recommend_llm(model: Any, tokenizer: Any, table: torch.Tensor, trie: SidTrie
     proc = TrieLogitsProcessor(trie, table, enc["input_ids"].shape[1], tokenizer.eos_token_id)
     k = min(top_k, beam_size)
     device = next(model.parameters()).device
-    out = model.generate(**{key: v.to(device) for key, v in enc.items()}, num_beams=beam_size, num_return_sequences=k, max_new_tokens=trie.vocab.sid_len,
-                         logits_processor=[proc], do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                         early_stopping=True)
-    gen = out[:, enc["input_ids"].shape[1]: enc["input_ids"].shape[1] + trie.vocab.sid_len].cpu()
-    codes = torch.where(gen < len(proc.to_code), proc.to_code[gen.clamp(max=len(proc.to_code) - 1)], -1)
+    out = model.generate(**{key: v.to(device) for key, v in enc.items()}, num_beams=beam_size,
+                         num_return_sequences=k, max_new_tokens=trie.vocab.sid_len, logits_processor=[proc],
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id, early_stopping=True)
+    codes = proc.codes(out[:, enc["input_ids"].shape[1]: enc["input_ids"].shape[1] + trie.vocab.sid_len])
     ok = (codes >= 0).all(dim=1)
-    items = torch.full((gen.shape[0],), -1, dtype=torch.long)
+    items = torch.full((codes.shape[0],), -1, dtype=torch.long)
     if bool(ok.any()):
         items[ok] = trie.lookup(codes[ok])
     items = items.view(len(histories), k).numpy()
@@ -281,20 +284,14 @@ def recommend_llm(model: Any, tokenizer: Any, table: torch.Tensor, trie: SidTrie
 # ---------------------------------------------------------------- GRPO on the LLM backbone
 
 
-def _to_codes(proc: TrieLogitsProcessor, tokens: torch.Tensor) -> torch.Tensor:
-    """Generated token ids (..., L) -> level codes, -1 for a token that is no SID token."""
-    inside = tokens < len(proc.to_code)
-    return torch.where(inside, proc.to_code[tokens.clamp(max=len(proc.to_code) - 1)], torch.full_like(tokens, -1))
-
-
 @torch.no_grad()
 def llm_rollout(model: Any, tokenizer: Any, table: torch.Tensor, trie: SidTrie, sids: np.ndarray,
                 histories: list[list[int]], max_history: int, group_size: int, mode: str = "sample",
                 temperature: float = 1.0, generator: torch.Generator | None = None) -> dict[str, Any]:
     """G SIDs per history from `generate` under the trie processor ("sample": temperature
     sampling with no top-k/top-p cut; "beam": the G best beams, MiniOneRec's beam-as-group).
-    -> {"enc": the left-padded prompts, "tokens": (B*G, L) generated ids, "codes": (B, G, L),
-        "items": (B, G) item_idx, "rank": (B, G) for beams, else None}."""
+    -> {"enc": the left-padded prompts, "codes": (B, G, L), "items": (B, G) item_idx,
+        "rank": (B, G) for beams, else None}."""
     enc = next_item_prompts(tokenizer, sids, histories, max_history)
     prompt_len, sid_len = enc["input_ids"].shape[1], trie.vocab.sid_len
     proc = TrieLogitsProcessor(trie, table, prompt_len, tokenizer.eos_token_id)
@@ -310,34 +307,32 @@ def llm_rollout(model: Any, tokenizer: Any, table: torch.Tensor, trie: SidTrie, 
             if seed is not None:
                 torch.manual_seed(seed)
             out = model.generate(**on_device, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, **common)
-    tokens = out[:, prompt_len:prompt_len + sid_len].cpu()
-    codes = _to_codes(proc, tokens)
+    codes = proc.codes(out[:, prompt_len:prompt_len + sid_len])
     if bool((codes < 0).any()):
         raise RuntimeError("llm_rollout: generate emitted a token outside the SID vocabulary under the trie processor")
     items = trie.lookup(codes).view(len(histories), group_size)
     rank = torch.arange(group_size).expand_as(items) if mode == "beam" else None
-    return {"enc": enc, "tokens": tokens, "codes": codes.view(len(histories), group_size, sid_len), "items": items,
-            "rank": rank}
+    return {"enc": enc, "codes": codes.view(len(histories), group_size, sid_len), "items": items, "rank": rank}
 
 
-def llm_constrained_logprobs(model: Any, enc: Any, tokens: torch.Tensor, table: torch.Tensor,
+def llm_constrained_logprobs(model: Any, enc: Any, codes: torch.Tensor, table: torch.Tensor,
                              trie: SidTrie) -> torch.Tensor:
-    """Teacher-forced per-token log-probs of generated SIDs under the trie-masked softmax.
+    """Teacher-forced per-token log-probs of SIDs under the trie-masked softmax.
 
-    enc: B left-padded prompts; tokens: (B*G, L) SID token ids, G rows per prompt in order.
+    enc: B left-padded prompts; codes: (B*G, L) SID codes, G rows per prompt in order.
     -> (B*G, L): log p(code_l | prompt, code_<l) renormalised over the codes the trie allows
     after code_<l, as `TrieLogitsProcessor` decodes. One forward; logits are kept for the last
     L + 1 positions only (the vocabulary is ~50k wide)."""
-    n, sid_len = tokens.shape
+    n, sid_len = codes.shape
     rep = n // enc["input_ids"].shape[0]
-    tokens = tokens.cpu()
+    codes = codes.cpu()
+    tokens = table[torch.arange(sid_len), codes]  # (N, L) the SID token ids
     ids = torch.cat([enc["input_ids"].cpu().repeat_interleave(rep, 0), tokens], dim=1)
     mask = torch.cat([enc["attention_mask"].cpu().repeat_interleave(rep, 0), torch.ones_like(tokens)], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate uses with left padding
     device = next(model.parameters()).device
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                    logits_to_keep=sid_len + 1).logits
-    codes = torch.stack([(table[lv] == tokens[:, lv:lv + 1]).int().argmax(-1) for lv in range(sid_len)], dim=1)
     nodes = torch.zeros(n, dtype=torch.long)
     out = []
     for lv in range(sid_len):
@@ -369,10 +364,11 @@ def llm_grpo_step(policy: Any, reference: Any, tokenizer: Any, table: torch.Tens
     rewards, parts = total_reward(inputs, cfg.reward)
     adv = group_advantages(rewards)
     shape = roll["codes"].shape
+    flat = roll["codes"].view(-1, shape[-1])
     with torch.no_grad():
-        old = llm_constrained_logprobs(policy, roll["enc"], roll["tokens"], table, trie).view(shape)
-        ref = llm_constrained_logprobs(reference, roll["enc"], roll["tokens"], table, trie).view(shape)
-    new = llm_constrained_logprobs(policy, roll["enc"], roll["tokens"], table, trie).view(shape)
+        old = llm_constrained_logprobs(policy, roll["enc"], flat, table, trie).view(shape)
+        ref = llm_constrained_logprobs(reference, roll["enc"], flat, table, trie).view(shape)
+    new = llm_constrained_logprobs(policy, roll["enc"], flat, table, trie).view(shape)
     loss, stats = grpo_loss(new, old, ref, adv, cfg.clip_eps, cfg.beta)
     stats.update({f"reward_{k}": v for k, v in parts.items()})
     stats["reward"] = float(rewards.mean())

@@ -11,6 +11,7 @@ Requests without a user_id are assigned by their request id (not sticky, by defi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -229,9 +230,7 @@ class AdditionLog:
         if self.journal:  # written first: an acknowledged batch is never lost
             from digr import storage
 
-            storage.write_json(storage.join(self.journal, f"batch-{known:09d}.json"), {
-                "start": known, "item_ids": list(batch.item_ids), "titles": list(batch.titles),
-                "sids": [list(s) for s in batch.sids], "vectors": [list(v) for v in batch.vectors]})
+            storage.write_json(storage.join(self.journal, f"batch-{known:09d}.json"), dataclasses.asdict(batch))
         self.batches.append(batch)
         return known
 

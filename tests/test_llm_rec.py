@@ -108,16 +108,16 @@ def test_llm_logprobs_are_a_distribution_over_items_and_match_generate(tiny) -> 
     trie = SidTrie.from_codes(CODES, VOCAB)
     hist = [[1, 2], [5]]
     enc = next_item_prompts(tok, CODES, hist, 10)
-    every = torch.cat([table[torch.arange(3), torch.as_tensor(CODES[i])][None] for i in range(13)])  # (13, 3) token ids
-    tokens = every.repeat(2, 1)  # 13 rows per prompt
+    every = torch.as_tensor(CODES).repeat(2, 1)  # every item's SID, 13 rows per prompt
     with torch.no_grad():
-        lp = llm_constrained_logprobs(model, enc, tokens, table, trie).view(2, 13, 3)
+        lp = llm_constrained_logprobs(model, enc, every, table, trie).view(2, 13, 3)
     np.testing.assert_allclose(lp.sum(-1).exp().sum(-1).numpy(), [1.0, 1.0], atol=1e-5)
     assert float(lp[:, 1:12, 2].abs().max()) < 1e-6  # a lone suffix code is certain (item 0 shares with 12)
     roll = llm_rollout(model, tok, table, trie, CODES, hist, 10, group_size=4, mode="beam")
     assert roll["items"].shape == (2, 4) and bool((roll["items"] >= 0).all())
     with torch.no_grad():
-        mine = llm_constrained_logprobs(model, roll["enc"], roll["tokens"], table, trie).view(2, 4, 3).sum(-1)
+        mine = llm_constrained_logprobs(model, roll["enc"], roll["codes"].view(-1, 3), table, trie)
+    mine = mine.view(2, 4, 3).sum(-1)
     want = lp.sum(-1).gather(1, roll["items"])
     torch.testing.assert_close(mine, want, atol=1e-5, rtol=0)
     # (generate ranks beams by the unnormalised log-probs, its processors run after the
@@ -137,12 +137,12 @@ def test_llm_grpo_raises_the_reward_on_a_toy_task(tiny) -> None:
     trie = SidTrie.from_codes(CODES, VOCAB)
     cfg = GRPOConfig(group_size=4, rollout="sample", max_history=10, beta=1e-3)
     hist = [[i, (i + 3) % 12] for i in range(8)]
-    target_tokens = table[torch.arange(3), torch.as_tensor(CODES[7])][None].repeat(8, 1)
+    target_codes = torch.as_tensor(CODES[7])[None].repeat(8, 1)
 
     def p_target() -> float:
         with torch.no_grad():
             enc = next_item_prompts(tok, CODES, hist, 10)
-            return float(llm_constrained_logprobs(policy, enc, target_tokens, table, trie).sum(-1).exp().mean())
+            return float(llm_constrained_logprobs(policy, enc, target_codes, table, trie).sum(-1).exp().mean())
 
     before = p_target()
     opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
