@@ -232,7 +232,7 @@ def run_caption(items: pa.Table, images: pa.Table, cfg: CaptionConfig, out_dir: 
         reqs = ray.data.from_arrow([table.slice(i, bs) for i in range(0, table.num_rows, bs)]).map_batches(
             VLMRequests, fn_constructor_kwargs={"template": template, "fetch": fetch, "max_side": cfg.vlm_image_side,
                                                 "max_title_chars": cfg.max_title_chars},
-            batch_format="pyarrow", concurrency=1)
+            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1))
         # A photo that fetched during the images stage but not now (a transient outage) is
         # dropped here and reported below as failed; its reason stays on the VLM actor's row only.
         reqs = reqs.filter(lambda r: not r["fetch_error"]).select_columns(["item_idx", "messages_json"])

@@ -14,7 +14,7 @@ item without an image is marked as such (its image part is masked, never a prete
 
 Pure core: `item_text` (what the encoder reads) and `TextEmbedder` (a callable class over
 one batch). Ray wrapper: `run_embed` streams the items table through an actor pool
-(`map_batches(TextEmbedder, concurrency=...)`), so the model loads once per actor and the
+(`map_batches(TextEmbedder, compute=ActorPoolStrategy(size=...))`), so the model loads once per actor and the
 same code scales from one local actor to many GPU actors on a cluster.
 """
 
@@ -109,7 +109,7 @@ def run_embed(items_uri: str, out_uri: str, cfg: EmbedConfig, fields: tuple[str,
                                "max_tokens": cfg.max_tokens},
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        concurrency=cfg.concurrency,
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor,
     )

@@ -3,7 +3,7 @@ for the generative model and, in the same run on the same rows, popularity and S
 
 Pure core: `GenerativeRanker` (histories -> top-K item_idx with the shared constrained beam
 search) and `digr.metrics.hr_ndcg`. Ray wrapper: the test rows stream through an actor pool
-(`map_batches(GenerativeRanker, concurrency=...)`); SASRec trains in a Ray task, so on a
+(`map_batches(GenerativeRanker, compute=ActorPoolStrategy(...))`); SASRec trains in a Ray task, so on a
 cluster it lands on a worker rather than on the driver.
 """
 
@@ -100,7 +100,8 @@ def rank_generative(rows: dict[str, Any], ranker_kwargs: dict[str, Any], cfg: Ev
     ])
     ds = ds.map_batches(
         GenerativeRanker, fn_constructor_kwargs=ranker_kwargs, batch_size=cfg.batch_size, batch_format="numpy",
-        concurrency=cfg.concurrency, num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
     )
     out = np.full((len(rows["target"]), cfg.top_k), EMPTY, dtype=np.int64)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

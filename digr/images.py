@@ -375,7 +375,8 @@ def run_images(items: pa.Table, cfg: ImagesConfig, out_dir: str,
     blocks = [items.slice(i, cfg.batch_size) for i in range(0, max(items.num_rows, 1), cfg.batch_size)]
     ds = ray.data.from_arrow(blocks).map_batches(
         ImageFeaturizer, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.batch_size, batch_format="pyarrow",
-        concurrency=cfg.concurrency, num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor)
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor)
     parts = [b for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
     table = (pa.concat_tables([p.cast(IMAGES_SCHEMA) for p in parts]) if parts
              else IMAGES_SCHEMA.empty_table()).sort_by("item_idx")

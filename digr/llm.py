@@ -47,6 +47,16 @@ class TransformersSettings:
     gpus_per_actor: float = 0.0     # > 0: the actor's model runs on CUDA
     threads_per_actor: int = 1      # torch intra-op threads; 1 per actor avoids oversubscribing the cores
     stop_at_json: bool = True       # a row stops once it has closed a JSON object (small models ramble on)
+    dtype: str = "auto"             # auto = bfloat16 where the hardware has it natively (CUDA, AVX512-BF16/AMX
+                                    # CPUs), else float32 | float32 | bfloat16 | float16
+    prefix_cache: bool = True       # prefill the tokens every prompt of a batch shares once, not once per row
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"llm.transformers.dtype: {self.dtype!r} is not one of {DTYPES}")
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -204,6 +214,49 @@ def resolve_model_dir(model: str, cache_dir: str = "") -> str:
     return model if model else smollm2_dir(cache_dir)
 
 
+MIN_SHARED_PREFIX = 8  # below this, a separate prefix pass costs more than it saves
+
+
+def resolve_dtype(name: str, device: str) -> Any:
+    """Config name -> torch dtype. "auto": bfloat16 where matmuls run natively in it (CUDA with
+    bf16, or a CPU whose oneDNN has bf16 kernels: AVX512-BF16 / AMX), which is 2-2.5x faster
+    on this project's CPUs; float32 elsewhere (emulated bf16 would be slower than fp32)."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"llm.transformers.dtype: {name!r} is not one of {DTYPES}")
+    if name != "auto":
+        return getattr(torch, name)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if native else torch.float32
+
+
+def shared_prefix_len(rows: list[list[int]]) -> int:
+    """Tokens every row starts with, leaving each row at least one token of its own (the
+    first generation step needs a new position to attend from)."""
+    n, limit = 0, min(len(r) for r in rows) - 1
+    while n < limit and all(r[n] == rows[0][n] for r in rows):
+        n += 1
+    return n
+
+
+def pad_after_prefix(rows: list[list[int]], shared: int, pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Token rows -> (ids, attention mask), each (B, T): [shared prefix][pads][own suffix].
+
+    With `shared` = 0 this is plain left padding. Padding sits after the shared prefix so the
+    prefix's cached keys/values line up in every row; generate derives position ids from the
+    mask (cumsum), so a row's tokens keep the positions they have unpadded.
+    >>> pad_after_prefix([[5, 6, 7], [5, 6, 8, 9]], 2, 0)
+    ([[5, 6, 0, 7], [5, 6, 8, 9]], [[1, 1, 0, 1], [1, 1, 1, 1]])
+    """
+    width = max(len(r) for r in rows)
+    ids = [r[:shared] + [pad_id] * (width - len(r)) + r[shared:] for r in rows]
+    mask = [[1] * shared + [0] * (width - len(r)) + [1] * (len(r) - shared) for r in rows]
+    return ids, mask
+
+
 class JsonStop:
     """Per-row stopping criterion: done once a top-level {...} mentioning "intent" has closed.
 
@@ -248,11 +301,12 @@ class JsonStop:
 class TransformersGenerator:
     """Ray Data UDF: chat conversations -> greedy completions, one batched `generate` per batch.
 
-    Left padding: a decoder-only model continues from the last position, so padding must
-    sit on the left or short prompts would be continued from pad tokens."""
+    Padding goes on the left of each row's own tokens (after any prefix the batch shares): a
+    decoder-only model continues from the last position, so no row may end in pad tokens."""
 
     def __init__(self, model: str, max_new_tokens: int, temperature: float = 0.0, threads: int = 0,
-                 device: str | None = None, cache_dir: str = "", stop_at_json: bool = True) -> None:
+                 device: str | None = None, cache_dir: str = "", stop_at_json: bool = True,
+                 dtype: str = "float32", prefix_cache: bool = True) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -260,23 +314,35 @@ class TransformersGenerator:
             torch.set_num_threads(threads)
         path = resolve_model_dir(model, cache_dir)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
         self.max_new_tokens, self.temperature, self.stop_at_json = max_new_tokens, temperature, stop_at_json
+        self.prefix_cache = prefix_cache
         self.generated_tokens = 0  # for throughput figures
+        self.prefill_tokens = 0    # prompt tokens the model actually ran (a shared prefix counts once)
 
     def generate(self, conversations: list[list[dict[str, str]]]) -> list[str]:
-        """B conversations -> B completions (prompt tokens stripped, special tokens dropped)."""
+        """B conversations -> B completions (prompt tokens stripped, special tokens dropped).
+
+        With `prefix_cache`, the tokens all B prompts share (the template's instructions, when
+        the item comes last) are run once and their keys/values copied to every row; the rows
+        then continue from there with generate's usual cache. Same completions as without it
+        (tested), fewer prefill FLOPs: on CPU the prompt's prefill is most of the mining time."""
         import torch
 
         prefixes = [split_prefill(m)[1] for m in conversations]
         prompts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=not p,
                                                       continue_final_message=bool(p))
                    for m, p in zip(conversations, prefixes)]
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        rows = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        shared = shared_prefix_len(rows) if self.prefix_cache and len(rows) > 1 else 0
+        shared = shared if shared >= MIN_SHARED_PREFIX else 0
+        ids, mask = pad_after_prefix(rows, shared, self.tokenizer.pad_token_id)
+        ids, mask = torch.tensor(ids, device=self.device), torch.tensor(mask, device=self.device)
         sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
         if self.stop_at_json:
             from transformers import StoppingCriteriaList
@@ -284,10 +350,18 @@ class TransformersGenerator:
             sampling["stopping_criteria"] = StoppingCriteriaList(
                 [JsonStop(self.tokenizer, prefixes)])
         with torch.inference_mode():
-            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens,
+            if shared:
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=self.model.config)
+                self.model(input_ids=ids[:1, :shared], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                cache.batch_repeat_interleave(len(rows))  # (1, ...) -> (B, ...) keys/values per layer
+                sampling["past_key_values"] = cache
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
                                       pad_token_id=self.tokenizer.pad_token_id, **sampling)
-        new = out[:, enc["input_ids"].shape[1]:]  # (B, T_new); rows that stopped early end in pad
+        new = out[:, ids.shape[1]:]  # (B, T_new); rows that stopped early end in pad
         self.generated_tokens += int((new != self.tokenizer.pad_token_id).sum())
+        self.prefill_tokens += shared + sum(len(r) - shared for r in rows)
         return [p + t for p, t in zip(prefixes, self.tokenizer.batch_decode(new, skip_special_tokens=True))]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -308,14 +382,17 @@ class TransformersBackend:
         resolve_model_dir(self.cfg.model, self.cfg.transformers.cache_dir)  # convert once, not in every actor
 
     def map(self, ds: Any, json_schema: dict[str, Any] | None = None) -> Any:
+        import ray
+
         t = self.cfg.transformers
         return ds.map_batches(
             TransformersGenerator,
             fn_constructor_kwargs={"model": self.cfg.model, "max_new_tokens": self.cfg.max_new_tokens,
                                    "temperature": self.cfg.temperature, "threads": t.threads_per_actor,
-                                   "cache_dir": t.cache_dir, "stop_at_json": t.stop_at_json},
-            batch_size=self.cfg.batch_size, batch_format="numpy", concurrency=t.concurrency,
-            num_cpus=t.cpus_per_actor, num_gpus=t.gpus_per_actor,
+                                   "cache_dir": t.cache_dir, "stop_at_json": t.stop_at_json,
+                                   "dtype": t.dtype, "prefix_cache": t.prefix_cache},
+            batch_size=self.cfg.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=t.concurrency), num_cpus=t.cpus_per_actor, num_gpus=t.gpus_per_actor,
         )
 
 
@@ -449,13 +526,16 @@ class HttpBackend:
         read_api_key(self.cfg.http.api_key_env)  # fail before any work if the key is missing
 
     def map(self, ds: Any, json_schema: dict[str, Any] | None = None) -> Any:
+        import ray
+
         s = self.cfg.http
         return ds.map_batches(
             ChatHttpClient,
             fn_constructor_kwargs={"url": s.url, "model": self.cfg.model, "settings": s,
                                    "max_new_tokens": self.cfg.max_new_tokens, "temperature": self.cfg.temperature,
                                    "api_key": read_api_key(s.api_key_env), "json_schema": json_schema},
-            batch_size=self.cfg.batch_size, batch_format="numpy", concurrency=s.concurrency,
+            batch_size=self.cfg.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=s.concurrency),
             num_cpus=0.25,  # I/O bound: waiting on the endpoint, not computing
         )
 

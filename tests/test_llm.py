@@ -214,6 +214,41 @@ def test_transformers_batch_with_left_padding_matches_one_by_one(tiny_model_dir)
     assert gen.tokenizer.padding_side == "left" and gen.generated_tokens > 0
 
 
+def test_shared_prefix_padding_by_hand() -> None:
+    assert llm.shared_prefix_len([[5, 6, 7], [5, 6, 8, 9], [5, 6, 7, 1]]) == 2
+    assert llm.shared_prefix_len([[5, 6], [5, 6, 8]]) == 1  # every row keeps a token of its own
+    assert llm.shared_prefix_len([[1, 2], [3, 2]]) == 0
+    ids, mask = llm.pad_after_prefix([[5, 6, 7], [5, 6, 8, 9]], 2, 0)
+    assert ids == [[5, 6, 0, 7], [5, 6, 8, 9]] and mask == [[1, 1, 0, 1], [1, 1, 1, 1]]
+    assert llm.pad_after_prefix([[7], [8, 9]], 0, 0) == ([[0, 7], [8, 9]], [[0, 1], [1, 1]])  # = left padding
+
+
+def test_prefix_cached_batch_matches_plain_batch_and_one_by_one(tiny_model_dir) -> None:
+    """Prompts that share a long system message: the shared part runs once (prefill tokens
+    counted), and every completion equals the one without the cache and the one-by-one run."""
+    system = {"role": "system", "content": "a drill for home repairs with the kids for the weekend camping"}
+    convs = [[system, {"role": "user", "content": "hello"}],
+             [system, {"role": "user", "content": "tent for camping the weekend with kids"}],
+             [system, {"role": "user", "content": "drill"}, {"role": "assistant", "content": "{ intent"}]]
+    cached = llm.TransformersGenerator(tiny_model_dir, max_new_tokens=6, threads=1, device="cpu", stop_at_json=False)
+    plain = llm.TransformersGenerator(tiny_model_dir, max_new_tokens=6, threads=1, device="cpu", stop_at_json=False,
+                                      prefix_cache=False)
+    got = cached.generate(convs)
+    assert got == plain.generate(convs) == [plain.generate([c])[0] for c in convs]
+    assert cached.generated_tokens == plain.generated_tokens // 2 > 0  # plain ran the batch twice
+    shared = len(cached.tokenizer.apply_chat_template([system], tokenize=False).split())
+    assert cached.prefill_tokens <= plain.prefill_tokens // 2 - 2 * (shared - 2)  # ~shared tokens saved per extra row
+
+
+def test_dtype_setting() -> None:
+    import torch
+
+    assert llm.resolve_dtype("float32", "cpu") is torch.float32 and llm.resolve_dtype("bfloat16", "cpu") is torch.bfloat16
+    assert llm.resolve_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match="llm.transformers.dtype: 'fp8'"):
+        llm.TransformersSettings(dtype="fp8")
+
+
 def test_json_stop_ends_a_row_when_its_object_closes() -> None:
     import torch
 
@@ -235,7 +270,7 @@ def test_transformers_backend_as_ray_actor_pool(ray_local, tiny_model_dir) -> No
     import ray
 
     cfg = llm.LLMConfig(model=tiny_model_dir, max_new_tokens=4, batch_size=2,
-                        transformers=llm.TransformersSettings(concurrency=1))
+                        transformers=llm.TransformersSettings(concurrency=1, dtype="float32"))
     backend = llm.build_backend(cfg)
     backend.prepare()
     ds = ray.data.from_items([{"k": i, "messages_json": json.dumps([{"role": "user", "content": w}])}

@@ -335,7 +335,7 @@ def test_mine_config_from_yaml_data_names_bad_keys() -> None:
 def test_mine_five_real_items_with_smollm2(ray_local, tmp_path) -> None:
     items = _items(["Toy Story (1995)", "DEWALT 20V MAX Cordless Drill", "Eppendorf pipette tips, 200 ul",
                     "Garden hose, 50 ft, kink resistant", INJECTION])
-    cfg = MineConfig(models=(llm.LLMConfig(max_new_tokens=96, batch_size=3),), retries=1)
+    cfg = MineConfig(models=(llm.LLMConfig(max_new_tokens=96, batch_size=3),), retries=1, prompt="intents_small_v2")
     out = run_mine(items, cfg, str(tmp_path / "mine"), log=lambda s: None)
     fails = storage.read_table(str(tmp_path / "mine" / "failures.parquet"))
     rows = out.to_pylist()
