@@ -317,3 +317,66 @@ def test_serve_auth_and_overload(ray_local, tmp_path, monkeypatch) -> None:
     finally:
         serve.delete("digr-auth")
         serve.shutdown()
+
+
+def _prometheus_totals(metric: str, label: str = "variant") -> dict[str, float]:
+    """Sum of `metric` per value of `label` over every series the node's metrics agent exports
+    (Ray's Prometheus endpoint; a series per worker process)."""
+    import re
+
+    import ray
+
+    node = ray._private.worker._global_node
+    url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(rf'^{metric}\{{(.*)\}} (\S+)$', line)
+        lab = re.search(rf'(?:^|,){label}="([^"]*)"', m.group(1)) if m else None
+        if lab:
+            totals[lab.group(1)] = totals.get(lab.group(1), 0.0) + float(m.group(2))
+    return totals
+
+
+def test_serve_metrics_are_tagged_per_variant(ray_local, tmp_path) -> None:
+    """Every request is counted under its variant in Prometheus (requests, fallbacks, latency
+    histogram); a request rejected before a variant is chosen is timed under "-"."""
+    import time
+
+    from ray import serve
+
+    from serve.app import build
+
+    run, _ = _tiny_run(tmp_path)
+    port = 18125
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    model_dir = f"{run}/sft/model"
+    args = {"run_dir": run, "max_k": 5, "beam_size": 5,  # variant names unique to this test: counters are per session
+            "variants": [{"name": "met-a", "model_dir": model_dir}, {"name": "met-b", "model_dir": model_dir}]}
+    serve.run(build(args), name="digr-metrics", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}/recommend"
+    try:
+        sent: dict[str, int] = {}
+        for variant, body in [("met-a", b'{"history": ["i1", "i2"]}')] * 3 + [("met-b", b'{"history": ["i3"]}')] * 2 \
+                + [("met-b", b'{"history": []}')]:
+            status, out = _post(url, body, {"x-digr-variant": variant})
+            assert status == 200 and out["variant"] == variant, out
+            sent[variant] = sent.get(variant, 0) + 1
+        assert _post(url, b"{broken", {"x-digr-variant": "met-a"})[0] == 400  # no variant chosen yet
+        want_requests, want_fallbacks = {"met-a": 3, "met-b": 3}, {"met-b": 1}
+        deadline = time.time() + 60  # the agent exports every few seconds
+        while True:
+            requests = _prometheus_totals("ray_digr_requests_total")
+            fallbacks = _prometheus_totals("ray_digr_fallbacks_total")
+            timed = _prometheus_totals("ray_digr_latency_ms_count")
+            got = ({v: requests.get(v) for v in want_requests}, {v: fallbacks.get(v) for v in want_fallbacks},
+                   {v: timed.get(v) for v in want_requests})
+            if got == (want_requests, want_fallbacks, want_requests) and timed.get("-", 0) >= 1:
+                break
+            assert time.time() < deadline, f"Prometheus per variant (requests, fallbacks, latency count): {got}"
+            time.sleep(2)
+        assert sent == want_requests
+    finally:
+        serve.delete("digr-metrics")
+        serve.shutdown()
