@@ -429,8 +429,9 @@ def save_backbone(model: Any, tokenizer: Any, table: torch.Tensor, path: str, ba
         json.dump({"base": base, **(extra or {})}, f, indent=2)
 
 
-def load_trained_backbone(path: str) -> tuple[Any, Any, torch.Tensor]:
-    """`save_backbone`'s folder -> (model in eval mode, tokenizer, SID token table)."""
+def load_trained_backbone(path: str, trainable: bool = False) -> tuple[Any, Any, torch.Tensor]:
+    """`save_backbone`'s folder -> (model in eval mode, tokenizer, SID token table);
+    `trainable`: the adapter (and the saved embedding / LM head) take gradients, for GRPO."""
     import json
     import os
 
@@ -442,7 +443,7 @@ def load_trained_backbone(path: str) -> tuple[Any, Any, torch.Tensor]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(meta["base"])
     base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    model = PeftModel.from_pretrained(base, path)
+    model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
     return model.eval(), tokenizer, torch.load(os.path.join(path, "sid_table.pt"))
 
 
@@ -493,3 +494,113 @@ def run_llm_sft(pairs: list[tuple[str, str]], vocab: SidVocab, cfg: LLMRecConfig
     if result.checkpoint is None:
         raise RuntimeError(f"llm sft run {name!r} under {storage_dir} finished without a checkpoint")
     return result.checkpoint.path
+
+
+_LLM_GRPO_STATE = "llm_grpo_state.pt"  # beside the backbone folder's files in every GRPO checkpoint
+
+
+def _llm_grpo_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker of `run_llm_grpo`. Every rank starts from the same SFT backbone,
+    rolls out its own seeded rows, and applies the same all-reduced update (`_sync_grads`, as
+    the SID model's GRPO does), so the ranks' weights stay equal without a DDP wrapper around
+    `generate`. Rank 0 writes checkpoints: a backbone folder (`load_trained_backbone` reads it)
+    plus the optimizer, the step and the history, from which a re-run resumes."""
+    import os
+    import tempfile
+
+    import ray
+    import ray.train
+
+    from digr.grpo import _sync_grads
+
+    cfg = config["cfg"]
+    data = ray.get(config["data"])
+    if cfg.threads_per_worker:
+        torch.set_num_threads(cfg.threads_per_worker)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    reference, tokenizer, table = load_trained_backbone(config["backbone"])
+    reference.requires_grad_(False)
+    start, history, saved = 0, [], None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        policy, _, _ = load_trained_backbone(config["backbone"], trainable=True)
+    else:
+        with checkpoint.as_directory() as ckpt_dir:
+            policy, _, _ = load_trained_backbone(ckpt_dir, trainable=True)
+            saved = torch.load(os.path.join(ckpt_dir, _LLM_GRPO_STATE), weights_only=False)
+        start, history = saved["step"], saved["history"]
+        if rank == 0:
+            print(f"llm grpo resuming after step {start}", flush=True)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if saved is not None:
+        opt.load_state_dict(saved["optimizer"])
+    sids, trie, quality = data["sids"], SidTrie.from_codes(data["sids"], data["vocab"]), torch.as_tensor(data["quality"])
+    histories, targets = data["histories"], data["targets"]
+    t0 = time.perf_counter()
+    for step in range(start + 1, cfg.steps + 1):
+        rng = np.random.default_rng([cfg.seed, step, rank])
+        idx = rng.choice(len(histories), size=min(cfg.batch_size, len(histories)), replace=False)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        loss, stats = llm_grpo_step(policy, reference, tokenizer, table, trie, sids, [histories[i] for i in idx],
+                                    torch.as_tensor(targets[idx]), quality, cfg, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync_grads(params, world)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        history.append({"step": step, "loss": float(loss.detach()), **stats})
+        if rank == 0 and (step % 10 == 0 or step == cfg.steps):
+            rate = (time.perf_counter() - t0) / (step - start)
+            print(f"llm grpo step {step}/{cfg.steps} reward {np.mean([h['reward'] for h in history[-10:]]):.3f} "
+                  f"kl {stats['kl']:.4f} {rate:.1f} s/step ETA {(cfg.steps - step) * rate / 60:.1f} min", flush=True)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            metrics = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
+            if rank != 0:
+                ray.train.report(metrics, checkpoint=None)
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                save_backbone(policy, tokenizer, table, tmp, config["base"], {"grpo_step": step})
+                torch.save({"step": step, "history": history, "optimizer": opt.state_dict()},
+                           os.path.join(tmp, _LLM_GRPO_STATE))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def run_llm_grpo(backbone: str, sids: np.ndarray, vocab: SidVocab, histories: list[list[int]], targets: np.ndarray,
+                 quality: np.ndarray | None, cfg: Any, storage_dir: str, name: str = "llm_grpo") -> tuple[str, list[dict[str, Any]]]:
+    """GRPO of an SFT'd LLM backbone (`run_llm_sft`'s checkpoint folder) on Ray Train, with
+    the SID model's config (`digr.grpo.GRPOConfig`: steps, batch_size per worker, group_size,
+    rollout, reward, checkpoint_every, scaling). Re-running the same call after a kill resumes
+    from the last checkpoint. -> (checkpoint folder, loadable by `load_trained_backbone`; the
+    per-step history)."""
+    import json
+    import os
+
+    import ray
+    from ray.train import CheckpointConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from digr import storage
+
+    if not histories or len(histories) != len(targets):
+        raise ValueError(f"run_llm_grpo: need one target per history, got {len(histories)} and {len(targets)}")
+    q = np.zeros(len(sids), np.float32) if quality is None else np.nan_to_num(np.asarray(quality, np.float32))
+    if q.shape != (len(sids),):
+        raise ValueError(f"run_llm_grpo: quality must be (N_items={len(sids)},), got {q.shape}")
+    with open(os.path.join(backbone, "llm_rec.json")) as f:
+        base = json.load(f)["base"]
+    data = ray.put({"sids": np.asarray(sids), "vocab": vocab, "quality": q, "histories": histories,
+                    "targets": np.asarray(targets)})
+    trainer = TorchTrainer(
+        _llm_grpo_loop, train_loop_config={"cfg": cfg, "data": data, "backbone": backbone, "base": base},
+        scaling_config=cfg.scaling.to_ray(),
+        run_config=RunConfig(storage_path=storage.absolute(storage_dir), name=name,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"llm grpo run {name!r} under {storage_dir} finished without a checkpoint")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        history = torch.load(os.path.join(ckpt_dir, _LLM_GRPO_STATE), weights_only=False)["history"]
+    return result.checkpoint.path, history
