@@ -127,9 +127,13 @@ def main() -> int:
             print(f"| {name} | " + " | ".join(cells) + " |")
     sft_test = results["sft"][0]["test"]["ndcg@10"]
     for name in variants:
-        mean = float(np.mean([r["test"]["ndcg@10"] for r in results[name]]))
-        verdict = "RAISED" if mean > sft_test else "did NOT raise"
-        print(f"{name}: test NDCG@10 {mean:.4f} vs SFT {sft_test:.4f} -> GRPO {verdict} test NDCG@10")
+        values = np.array([r["test"]["ndcg@10"] for r in results[name]])
+        mean, std = float(values.mean()), float(values.std())
+        # A gain smaller than 1e-4 (the table's last digit) or than the spread over seeds is noise.
+        verdict = ("RAISED" if mean - sft_test > max(1e-4, std) else
+                   "did NOT raise" if mean <= sft_test else "did not clearly raise (within noise)")
+        print(f"{name}: test NDCG@10 {mean:.5f} ± {std:.5f} vs SFT {sft_test:.5f} ({mean - sft_test:+.5f}) "
+              f"-> GRPO {verdict} test NDCG@10")
 
     if SCORER.exists():
         print(f"\nindependent check with {SCORER.name} (test split):")
