@@ -48,7 +48,8 @@ class TransformersSettings:
     threads_per_actor: int = 1      # torch intra-op threads; 1 per actor avoids oversubscribing the cores
     stop_at_json: bool = True       # a row stops once it has closed a JSON object (small models ramble on)
     dtype: str = "auto"             # auto = bfloat16 where the hardware has it natively (CUDA, AVX512-BF16/AMX
-                                    # CPUs), else float32 | float32 | bfloat16 | float16
+                                    # CPUs), else float32 | float32 | bfloat16 | float16. Not part of the
+                                    # reply cache key: model + prompt define a reply, not kernel precision
     prefix_cache: bool = True       # prefill the tokens every prompt of a batch shares once, not once per row
 
     def __post_init__(self) -> None:
