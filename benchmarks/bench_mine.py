@@ -91,7 +91,7 @@ def main() -> None:
         return sum(parse_intents(t).ok for t in texts)
 
     seq_rate = seq_tokens / seq_s
-    rows = [(f"sequential generate (1 per call)", seq_s, seq_tokens, seq_texts, 0)]
+    rows = [("sequential generate (1 per call)", seq_s, seq_tokens, seq_texts, 0)]
     for dtype, cache in (("float32", False), ("float32", True), ("auto", True)):
         wall, texts, errors = batched(dtype, cache)
         name = f"batched {args.concurrency}x{args.batch_size} {dtype}{' +prefix cache' if cache else ''}"

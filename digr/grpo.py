@@ -297,12 +297,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             engine.backward(loss)
             engine.step()
         else:
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            _sync_grads(params, world)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
+            apply_update(optimizer, params, loss, world, cfg.grad_clip)
         times.append(time.perf_counter() - t0)
         row: dict[str, Any] = {"step": step, "loss": float(loss.detach()), **stats, "seconds": times[-1]}
         if validates and (step % cfg.eval_every == 0 or step == cfg.steps):
@@ -339,6 +334,18 @@ def _train_loop(config: dict[str, Any]) -> None:
                     json.dump({"step": step, "grpo_config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))},
                               f, indent=2)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def apply_update(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], loss: torch.Tensor, world: int,
+                 grad_clip: float) -> None:
+    """One optimizer step on `loss`: gradients averaged over `world` workers (`_sync_grads`; a
+    no-op for one), clipped to `grad_clip` (0 = no clipping)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    _sync_grads(params, world)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
 
 
 def _sync_grads(params: list[torch.Tensor], world: int) -> None:

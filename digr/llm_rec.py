@@ -386,6 +386,8 @@ def train_llm_grpo(policy: Any, tokenizer: Any, table: torch.Tensor, trie: SidTr
     (the SFT reference). -> one stats dict per step."""
     import copy
 
+    from digr.grpo import apply_update
+
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -397,11 +399,7 @@ def train_llm_grpo(policy: Any, tokenizer: Any, table: torch.Tensor, trie: SidTr
         idx = rng.choice(len(histories), size=min(cfg.batch_size, len(histories)), replace=False)
         loss, stats = llm_grpo_step(policy, reference, tokenizer, table, trie, sids, [histories[i] for i in idx],
                                     torch.as_tensor(targets[idx]), q, cfg, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        apply_update(opt, params, loss, 1, cfg.grad_clip)
         history.append({"step": step, "loss": float(loss.detach()), **stats})
         if step % 10 == 0 or step == cfg.steps:
             rate = (time.perf_counter() - t0) / step
@@ -501,7 +499,7 @@ _LLM_GRPO_STATE = "llm_grpo_state.pt"  # beside the backbone folder's files in e
 
 def _llm_grpo_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker of `run_llm_grpo`. Every rank starts from the same SFT backbone,
-    rolls out its own seeded rows, and applies the same all-reduced update (`_sync_grads`, as
+    rolls out its own seeded rows, and applies the same all-reduced update (`apply_update`, as
     the SID model's GRPO does), so the ranks' weights stay equal without a DDP wrapper around
     `generate`. Rank 0 writes checkpoints: a backbone folder (`load_trained_backbone` reads it)
     plus the optimizer, the step and the history, from which a re-run resumes."""
@@ -511,7 +509,7 @@ def _llm_grpo_loop(config: dict[str, Any]) -> None:
     import ray
     import ray.train
 
-    from digr.grpo import _sync_grads
+    from digr.grpo import apply_update
 
     cfg = config["cfg"]
     data = ray.get(config["data"])
@@ -545,12 +543,7 @@ def _llm_grpo_loop(config: dict[str, Any]) -> None:
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         loss, stats = llm_grpo_step(policy, reference, tokenizer, table, trie, sids, [histories[i] for i in idx],
                                     torch.as_tensor(targets[idx]), quality, cfg, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        _sync_grads(params, world)
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        apply_update(opt, params, loss, world, cfg.grad_clip)
         history.append({"step": step, "loss": float(loss.detach()), **stats})
         if rank == 0 and (step % 10 == 0 or step == cfg.steps):
             rate = (time.perf_counter() - t0) / (step - start)

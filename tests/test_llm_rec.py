@@ -173,14 +173,11 @@ def test_train_llm_grpo_loop_runs_beam_groups(tiny) -> None:
     assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), model.parameters()))
 
 
-def test_run_llm_sft_on_ray_train_two_workers(ray_local, tmp_path) -> None:
-    """DDP over 2 gloo workers on a tiny random Llama saved as the base model; the checkpoint
-    loads back (adapter + SID tokens) and decodes only real items."""
+def _tiny_base_dir(tmp_path) -> tuple[object, object]:
+    """A tiny random Llama with SmolLM2's tokenizer saved as a base-model folder -> (dir, tokenizer)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from digr.llm import smollm2_dir
-    from digr.llm_rec import load_trained_backbone, run_llm_sft
-    from digr.scaling import ScalingConfig
 
     base_dir = tmp_path / "base"
     tok = AutoTokenizer.from_pretrained(smollm2_dir())
@@ -189,6 +186,16 @@ def test_run_llm_sft_on_ray_train_two_workers(ray_local, tmp_path) -> None:
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                  tie_word_embeddings=True)).save_pretrained(base_dir)
     tok.save_pretrained(base_dir)
+    return base_dir, tok
+
+
+def test_run_llm_sft_on_ray_train_two_workers(ray_local, tmp_path) -> None:
+    """DDP over 2 gloo workers on a tiny random Llama saved as the base model; the checkpoint
+    loads back (adapter + SID tokens) and decodes only real items."""
+    from digr.llm_rec import load_trained_backbone, run_llm_sft
+    from digr.scaling import ScalingConfig
+
+    base_dir, tok = _tiny_base_dir(tmp_path)
     hist = [[(i - 1) % 12, i] for i in range(12)]
     pairs = task_pairs(hist, [(i + 1) % 12 for i in range(12)], CODES, [""] * 13, None, ("next_sid",), 10,
                        np.random.default_rng(0))
@@ -206,20 +213,11 @@ def test_run_llm_grpo_on_ray_train_two_workers_resumes(ray_local, tmp_path) -> N
     """LLM GRPO on Ray Train (2 gloo workers, gradients all-reduced): the adapter moves away
     from the SFT checkpoint, the result loads back, and 2 steps + a re-run to 4 steps end on
     exactly the weights of 4 steps in one go (optimizer state and sampling seeds restored)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from digr.grpo import GRPOConfig
-    from digr.llm import smollm2_dir
     from digr.llm_rec import load_trained_backbone, run_llm_grpo, run_llm_sft
     from digr.scaling import ScalingConfig
 
-    base_dir = tmp_path / "base"
-    tok = AutoTokenizer.from_pretrained(smollm2_dir())
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                 tie_word_embeddings=True)).save_pretrained(base_dir)
-    tok.save_pretrained(base_dir)
+    base_dir, tok = _tiny_base_dir(tmp_path)
     hist = [[(i - 1) % 12, i] for i in range(12)]
     targets = np.array([(i + 1) % 12 for i in range(12)])
     pairs = task_pairs(hist, list(targets), CODES, [""] * 13, None, ("next_sid",), 10, np.random.default_rng(0))
