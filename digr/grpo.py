@@ -243,6 +243,9 @@ def _train_loop(config: dict[str, Any]) -> None:
 
         for var, value in (("LOCAL_RANK", ctx.get_local_rank()), ("RANK", rank), ("WORLD_SIZE", world)):
             os.environ.setdefault(var, str(value))
+        if device.type == "cpu":  # on CPU DeepSpeed JIT-builds its shared-memory comm op at init
+            for lock in clear_stale_extension_locks():
+                print(f"grpo: removed a stale torch-extension build lock {lock}", flush=True)
         engine, optimizer, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer,
                                                        config=deepspeed_config(cfg, world))
         module = engine.module
@@ -346,6 +349,33 @@ def apply_update(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], l
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
+
+
+STALE_LOCK_SECONDS = 600.0  # a C++ op build takes ~25 s here; a lock this old has no builder left
+
+
+def clear_stale_extension_locks(root: str | None = None, max_age_s: float = STALE_LOCK_SECONDS) -> list[str]:
+    """Remove torch C++-extension build locks older than `max_age_s` under `root` (default:
+    `$TORCH_EXTENSIONS_DIR` or torch's default build root). -> the removed paths.
+
+    torch's `FileBaton` marks a build with an empty `lock` file and records no owner; a process
+    killed mid-build leaves it behind and every later load of that op (DeepSpeed's
+    `deepspeed_shm_comm` on CPU) waits on it forever. A live build holds its lock for seconds,
+    so an old one is safe to remove."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = root or os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    removed = []
+    now = time.time()
+    for folder, _, files in os.walk(root):
+        path = os.path.join(folder, "lock")
+        if "lock" in files and now - os.path.getmtime(path) > max_age_s:
+            try:
+                os.remove(path)
+            except FileNotFoundError:  # another worker removed it first
+                continue
+            removed.append(path)
+    return removed
 
 
 def _sync_grads(params: list[torch.Tensor], world: int) -> None:

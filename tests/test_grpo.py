@@ -168,6 +168,26 @@ def test_run_grpo_on_ray_train_checkpoints_and_resumes(ray_local, tmp_path) -> N
     assert not torch.equal(more.last_state["t5.lm_head.weight"], model.state_dict()["t5.lm_head.weight"])
 
 
+def test_stale_extension_locks_are_removed_and_live_ones_kept(tmp_path) -> None:
+    """A build lock left by a killed process hangs every later DeepSpeed start on CPU (torch's
+    FileBaton waits for it forever); a young lock is a build in progress and stays."""
+    import os
+
+    from digr.grpo import STALE_LOCK_SECONDS, clear_stale_extension_locks
+
+    stale, live = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "other_op" / "lock"
+    for lock in (stale, live):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    old = stale.stat().st_mtime - STALE_LOCK_SECONDS - 1
+    os.utime(stale, (old, old))
+    assert clear_stale_extension_locks(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and live.exists()
+    assert clear_stale_extension_locks(str(tmp_path / "missing")) == []
+
+
+# A hang here (a stuck op build) must fail in minutes, not at the suite's 15-minute default.
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_run_grpo_with_deepspeed_zero_on_cpu(ray_local, tmp_path, stage: int) -> None:
     pytest.importorskip("deepspeed")
@@ -186,6 +206,7 @@ def test_run_grpo_with_deepspeed_zero_on_cpu(ray_local, tmp_path, stage: int) ->
     assert "t5.lm_head.weight" in changed  # the engine applied the updates (gathered back under ZeRO-3)
 
 
+@pytest.mark.timeout(300)
 def test_deepspeed_resume_restores_the_optimizer(ray_local, tmp_path) -> None:
     """ZeRO-2 on 2 workers: 2 steps + a resumed 2 steps end on exactly the weights of 4 steps
     in one go, which holds only if Adam's moments came back with the weights."""
