@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import T5Config, T5ForConditionalGeneration
 
 PAD = 0
@@ -195,10 +196,15 @@ class SidRecommender(torch.nn.Module):
             x = x + self.content(self.features[input_ids])
         return {"inputs_embeds": x * attention_mask.unsqueeze(-1).to(x.dtype)}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the (B, sid_len) target tokens; T5 shifts labels right, starting from PAD."""
-        return self.t5(**self.encoder_kwargs(input_ids, attention_mask), attention_mask=attention_mask,
-                       labels=labels).loss
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy of the (B, sid_len) target tokens; T5 shifts labels right, starting from PAD.
+        weights: (B,) per-example weights -> the weighted mean of the examples' mean token losses."""
+        out = self.t5(**self.encoder_kwargs(input_ids, attention_mask), attention_mask=attention_mask, labels=labels)
+        if weights is None:
+            return out.loss
+        per_row = F.cross_entropy(out.logits.transpose(1, 2), labels, reduction="none").mean(dim=1)  # (B,)
+        return (per_row * weights).sum() / weights.sum()
 
     @torch.no_grad()
     def add_items(self, sid_tokens: torch.Tensor, features: torch.Tensor | None = None) -> None:

@@ -32,7 +32,7 @@ from transformers import T5ForConditionalGeneration, get_cosine_schedule_with_wa
 from digr import storage
 from digr.scaling import ScalingConfig
 from digr.seqmodel import ModelConfig, SidRecommender, SidVocab
-from digr.sft_data import Examples, SidCollate, SidDataset, select_examples, vocab_for
+from digr.sft_data import Examples, SidCollate, SidDataset, select_examples, target_weights, vocab_for
 
 KEEP_CHECKPOINTS = 2  # the latest is enough to resume; one spare in case the latest write was cut
 _VALID_BATCH = 128  # histories per validation batch (beam search holds B * beam hypotheses)
@@ -51,6 +51,9 @@ class SFTConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
     max_history: int = 20  # items fed to the encoder
     max_train_examples_per_user: int = 0  # 0 = all sliding-window targets; else each user's last N
+    # Loss weight of an example = count(its target among training targets)^-power, mean 1
+    # (`sft_data.target_weights`); 0 = plain mean. Raises rarely-seen targets against popular ones.
+    target_weight_power: float = 0.0
     eval_every: int = 1  # epochs between validations (the last epoch always validates)
     patience: int = 5  # validations without a better valid NDCG@10 before stopping
     valid_users: int = 2000  # validate on at most this many valid rows (seeded subset)
@@ -65,7 +68,7 @@ class SFTConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"sft.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "max_train_examples_per_user", "threads_per_worker"):
+        for name in ("warmup_steps", "max_train_examples_per_user", "threads_per_worker", "target_weight_power"):
             if getattr(self, name) < 0:
                 raise ValueError(f"sft.{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -97,8 +100,8 @@ class SFTResult:
 
 def sft_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over the batch's (B, sid_len) target tokens (`SidRecommender.forward`,
-    possibly DDP-wrapped)."""
-    return model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    possibly DDP-wrapped), weighted per example when the batch has "weights" (B,)."""
+    return model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("weights"))
 
 
 def seen_items(histories: list[list[int]], n_items: int) -> torch.Tensor:
@@ -232,8 +235,10 @@ def _train_loop(config: dict[str, Any]) -> None:
     dataset = SidDataset(data["train"])
     # DistributedSampler pads to equal shards, so every rank runs the same number of steps.
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    weights = (target_weights(data["train"].targets, len(sid_tokens), cfg.target_weight_power)
+               if cfg.target_weight_power else None)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
-                        collate_fn=SidCollate(sid_tokens, cfg.max_history, cfg.model.encoder_input))
+                        collate_fn=SidCollate(sid_tokens, cfg.max_history, cfg.model.encoder_input, weights))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state, best_state, saved = LoopState(), None, None
 

@@ -153,10 +153,12 @@ class SidCollate:
     "sid_tokens"), labels (B, sid_len) token ids and targets (B,) item_idx.
     """
 
-    def __init__(self, sid_tokens: torch.Tensor, max_history: int, encoder_input: str = "items") -> None:
+    def __init__(self, sid_tokens: torch.Tensor, max_history: int, encoder_input: str = "items",
+                 item_weights: torch.Tensor | None = None) -> None:
         self.sid_tokens = sid_tokens
         self.max_history = max_history
         self.encoder_input = encoder_input
+        self.item_weights = item_weights  # (N_items,) loss weight of an example by its target, or None
 
     def __call__(self, batch: list[tuple[list[int], int]]) -> dict[str, Any]:
         histories = [h for h, _ in batch]
@@ -167,4 +169,19 @@ class SidCollate:
             "attention_mask": attention_mask,
             "labels": self.sid_tokens[targets],
             "targets": targets,
-        }
+        } | ({} if self.item_weights is None else {"weights": self.item_weights[targets]})
+
+
+def target_weights(targets: np.ndarray, n_items: int, power: float) -> torch.Tensor:
+    """(n_items,) float32 loss weights count(item as a target)^-power, scaled so the training
+    examples' mean weight is 1 (the loss scale, and so the learning rate, stays that of the plain
+    mean). power 0 -> all ones; 0.5 -> a target seen 4x as often counts half as much per example.
+
+    >>> target_weights(np.array([0, 0, 0, 0, 1]), 3, 0.5).tolist()  # counts 4, 1, 0
+    [0.8333333134651184, 1.6666666269302368, 1.0]
+    """
+    counts = np.bincount(targets, minlength=n_items).astype(np.float64)
+    w = np.where(counts > 0, np.maximum(counts, 1.0) ** -power, 1.0)
+    w /= (w[targets].mean() if len(targets) else 1.0)
+    w[counts == 0] = 1.0  # never a training target: no example carries it
+    return torch.from_numpy(w.astype(np.float32))

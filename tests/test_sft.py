@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from digr.scaling import ScalingConfig
-from digr.seqmodel import ModelConfig, SidVocab
+from digr.seqmodel import ModelConfig, SidRecommender, SidVocab
 from digr.sft import (
     LoopState,
     check_resumable,
@@ -21,9 +21,10 @@ from digr.sft import (
     run_sft,
     save_model,
     seen_items,
+    sft_step,
     track_best,
 )
-from digr.sft_data import SidCollate, SidDataset, select_examples, vocab_for
+from digr.sft_data import SidCollate, SidDataset, select_examples, target_weights, vocab_for
 
 torch.set_num_threads(1)
 
@@ -103,6 +104,31 @@ def test_select_and_collate_by_hand() -> None:
     assert items["input_ids"].tolist() == [[3, 2, 0], [0, 1, 2]]
     assert items["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
     assert items["labels"].tolist() == [[2, 5, 6], [2, 4, 7]]
+
+
+def test_target_weights_by_hand_and_the_weighted_loss() -> None:
+    # Targets 0,0,0,0,1: counts 4, 1, 0. power 0.5: raw 1/2, 1, (unused) -> mean over the 5
+    # examples (4 * 1/2 + 1) / 5 = 0.6 -> 0.8333, 1.6667; item 2 is never a target: 1.
+    w = target_weights(np.array([0, 0, 0, 0, 1]), 3, 0.5)
+    assert torch.allclose(w, torch.tensor([0.5 / 0.6, 1 / 0.6, 1.0]))
+    assert torch.equal(target_weights(np.array([0, 0, 1]), 3, 0.0), torch.ones(3))
+
+    train = select_examples(EXAMPLES4, "train", n_items=4, max_per_user=1)  # targets 1, 3
+    sid_tokens = vocab_for(SIDS4, 2).encode(torch.from_numpy(SIDS4))
+    batch = SidCollate(sid_tokens, 3, "items", torch.tensor([1.0, 2.0, 1.0, 6.0]))(
+        [SidDataset(train)[0], SidDataset(train)[1]])
+    assert batch["weights"].tolist() == [2.0, 6.0]
+    torch.manual_seed(0)
+    model = SidRecommender(vocab_for(SIDS4, 2), ModelConfig(d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                           num_decoder_layers=1, num_heads=2, content_features=False),
+                           sid_tokens).eval()
+    rows = [model(batch["input_ids"][i:i + 1], batch["attention_mask"][i:i + 1], batch["labels"][i:i + 1])
+            for i in range(2)]  # each row's mean token loss
+    plain = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert torch.allclose(plain, (rows[0] + rows[1]) / 2, atol=1e-6)
+    assert torch.allclose(sft_step(model, batch), (2 * rows[0] + 6 * rows[1]) / 8, atol=1e-6)
+    ones = model(batch["input_ids"], batch["attention_mask"], batch["labels"], torch.ones(2))
+    assert torch.allclose(ones, plain, atol=1e-6)
 
 
 def test_valid_subset_is_seeded() -> None:
