@@ -56,12 +56,13 @@ class LLMRecConfig:
     max_len: int = 192              # tokens per example (prompt + completion)
     seed: int = 0
     threads: int = 0
+    checkpoint_every: int = 50      # steps between checkpoints in `run_llm_sft` (and after the last)
 
     def __post_init__(self) -> None:
         if set(self.tasks) - set(TASKS) or not self.tasks:
             raise ValueError(f"llm_rec.tasks: {sorted(set(self.tasks) - set(TASKS)) or 'empty'} not in {TASKS}")
-        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or self.lora_r < 1:
-            raise ValueError("llm_rec: need steps, batch_size, lora_r >= 1 and lr > 0")
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or self.lora_r < 1 or self.checkpoint_every < 1:
+            raise ValueError("llm_rec: need steps, batch_size, lora_r, checkpoint_every >= 1 and lr > 0")
 
 
 def sid_token(level: int, code: int) -> str:
@@ -213,18 +214,31 @@ def wrap_lora(model: Any, cfg: LLMRecConfig) -> Any:
 
 
 def train_backbone(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], cfg: LLMRecConfig,
-                   log: Callable[[str], None] = print) -> list[float]:
+                   log: Callable[[str], None] = print, resume: dict[str, Any] | None = None,
+                   checkpoint: Callable[[dict[str, Any]], None] | None = None, rank: int = 0) -> list[float]:
     """Plain AdamW over the trainable parameters for `cfg.steps` batches (cycling over the
-    pairs); -> loss per step."""
+    pairs); -> loss per step.
+
+    checkpoint(state) is called every `cfg.checkpoint_every` steps and after the last, with
+    state = {"step", "losses", "optimizer", "scheduler"}; passing that state back as `resume`
+    (with the model's weights from the same moment) goes on exactly where it was: the batches
+    follow from the step, and dropout is seeded per (seed, step, rank), not carried in RNG state."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    losses: list[float] = []
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        losses = list(resume["losses"])
+    first = len(losses)
     model.train()
     device = next(model.parameters()).device
-    losses, t0 = [], time.perf_counter()
-    for step in range(cfg.steps):
+    t0 = time.perf_counter()
+    for step in range(first, cfg.steps):
+        torch.manual_seed(hash((cfg.seed, step, rank)) % 2**63)
         start = (step * cfg.batch_size) % max(1, len(pairs))
         batch = encode_pairs(tokenizer, (pairs + pairs)[start:start + cfg.batch_size], cfg.max_len)
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -236,9 +250,12 @@ def train_backbone(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], cfg
         sched.step()
         losses.append(float(loss.detach()))
         if (step + 1) % 20 == 0 or step + 1 == cfg.steps:
-            rate = (time.perf_counter() - t0) / (step + 1)
+            rate = (time.perf_counter() - t0) / (step + 1 - first)
             log(f"llm_rec step {step + 1}/{cfg.steps} loss {np.mean(losses[-20:]):.3f} {rate:.2f} s/step "
                 f"ETA {(cfg.steps - step - 1) * rate / 60:.1f} min")
+        if checkpoint is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            checkpoint({"step": step + 1, "losses": losses, "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict()})
     model.eval()
     return losses
 
@@ -439,13 +456,23 @@ def load_trained_backbone(path: str, trainable: bool = False) -> tuple[Any, Any,
     with open(os.path.join(path, "llm_rec.json")) as f:
         meta = json.load(f)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    base = AutoModelForCausalLM.from_pretrained(meta["base"])
-    base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):  # full fine-tuning (lora: false)
+        model = AutoModelForCausalLM.from_pretrained(path).requires_grad_(trainable)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(meta["base"])
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
     return model.eval(), tokenizer, torch.load(os.path.join(path, "sid_table.pt"))
 
 
+_LLM_SFT_STATE = "llm_sft_state.pt"  # beside the backbone folder's files in every SFT checkpoint
+
+
 def _llm_sft_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker of `run_llm_sft` (DDP over the workers; rank r trains on pairs
+    r, r + world, ...). Rank 0's checkpoints are backbone folders plus `train_backbone`'s state,
+    so a re-run after a kill goes on from the last one."""
+    import os
     import tempfile
 
     import ray
@@ -458,25 +485,42 @@ def _llm_sft_loop(config: dict[str, Any]) -> None:
     pairs: list[tuple[str, str]] = ray.get(config["pairs"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed)  # the same initial SID rows and adapters on every rank
-    model, tokenizer, table = load_backbone(cfg, config["vocab"])
+    resume, saved = None, ray.train.get_checkpoint()
+    if saved is None:
+        torch.manual_seed(cfg.seed)  # the same initial SID rows and adapters on every rank
+        model, tokenizer, table = load_backbone(cfg, config["vocab"])
+    else:
+        with saved.as_directory() as ckpt_dir:
+            model, tokenizer, table = load_trained_backbone(ckpt_dir, trainable=True)
+            resume = torch.load(os.path.join(ckpt_dir, _LLM_SFT_STATE), weights_only=False)
+        if rank == 0:
+            print(f"llm sft resuming after step {resume['step']}", flush=True)
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moved to the worker's device
-    losses = train_backbone(model, tokenizer, pairs[rank::world], cfg, log=print if rank == 0 else (lambda _: None))
-    metrics = {"loss": float(np.mean(losses[-10:])), "first_loss": float(np.mean(losses[:10]))}
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
+
+    def report(state: dict[str, Any]) -> None:
+        metrics = {"step": state["step"], "loss": float(np.mean(state["losses"][-10:]))}
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_backbone(model, tokenizer, table, tmp, resolve_model_dir(cfg.model), {"sft_step": state["step"]})
+            torch.save(state, os.path.join(tmp, _LLM_SFT_STATE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    if resume is not None and resume["step"] >= cfg.steps:
+        report(resume)  # already finished: hand back the same weights
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        save_backbone(model, tokenizer, table, tmp, resolve_model_dir(cfg.model), {"losses": losses})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    train_backbone(model, tokenizer, pairs[rank::world], cfg, log=print if rank == 0 else (lambda _: None),
+                   resume=resume, checkpoint=report, rank=rank)
 
 
 def run_llm_sft(pairs: list[tuple[str, str]], vocab: SidVocab, cfg: LLMRecConfig, storage_dir: str,
                 scaling: Any = None, name: str = "llm_sft") -> str:
     """SFT of the LLM backbone on Ray Train; -> the checkpoint folder (`load_trained_backbone`).
-    scaling: a `digr.scaling.ScalingConfig` (default: one CPU worker)."""
+    scaling: a `digr.scaling.ScalingConfig` (default: one CPU worker). Checkpoints every
+    `cfg.checkpoint_every` steps; re-running the same call after a kill resumes from the last."""
     import ray
-    from ray.train import RunConfig
+    from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from digr import storage
@@ -487,7 +531,8 @@ def run_llm_sft(pairs: list[tuple[str, str]], vocab: SidVocab, cfg: LLMRecConfig
     scaling = scaling or ScalingConfig()
     trainer = TorchTrainer(_llm_sft_loop, train_loop_config={"cfg": cfg, "vocab": vocab, "pairs": ray.put(pairs)},
                            scaling_config=scaling.to_ray(),
-                           run_config=RunConfig(storage_path=storage.absolute(storage_dir), name=name))
+                           run_config=RunConfig(storage_path=storage.absolute(storage_dir), name=name,
+                                                checkpoint_config=CheckpointConfig(num_to_keep=2)))
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"llm sft run {name!r} under {storage_dir} finished without a checkpoint")

@@ -189,9 +189,58 @@ def _tiny_base_dir(tmp_path) -> tuple[object, object]:
     return base_dir, tok
 
 
+def _trained_weights(model: object) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_train_backbone_resumes_where_a_killed_run_left_off(tmp_path, lora: bool) -> None:
+    """Killed right after its step-2 checkpoint, a run reloaded from that checkpoint's folder
+    and state ends on the same losses and weights as 4 steps in one go (dropout on)."""
+    import copy
+
+    from digr.llm_rec import load_backbone, load_trained_backbone, save_backbone
+
+    base_dir, _ = _tiny_base_dir(tmp_path)
+    hist = [[(i - 1) % 12, i] for i in range(12)]
+    pairs = task_pairs(hist, [(i + 1) % 12 for i in range(12)], CODES, [""] * 13, None, ("next_sid",), 10,
+                       np.random.default_rng(0))
+    cfg = LLMRecConfig(model=str(base_dir), steps=4, batch_size=4, lr=1e-2, tasks=("next_sid",), lora=lora,
+                       lora_dropout=0.3, target_modules=("q_proj", "v_proj"), checkpoint_every=2)
+    quiet = lambda _: None  # noqa: E731
+    torch.manual_seed(0)
+    model, tok, table = load_backbone(cfg, VOCAB)
+    straight = train_backbone(model, tok, pairs, cfg, log=quiet)
+    want = model.state_dict() if not lora else _trained_weights(model)
+
+    class Killed(Exception):
+        pass
+
+    saved: dict = {}
+
+    def kill_after_first_checkpoint(state: dict) -> None:
+        save_backbone(model, tok, table, str(tmp_path / "ckpt"), str(base_dir))
+        saved.update(copy.deepcopy(state))
+        raise Killed
+
+    torch.manual_seed(0)
+    model, tok, table = load_backbone(cfg, VOCAB)
+    with pytest.raises(Killed):
+        train_backbone(model, tok, pairs, cfg, log=quiet, checkpoint=kill_after_first_checkpoint)
+    assert saved["step"] == 2 and len(saved["losses"]) == 2
+    model, tok, _ = load_trained_backbone(str(tmp_path / "ckpt"), trainable=True)
+    resumed = train_backbone(model, tok, pairs, cfg, log=quiet, resume=saved)
+    assert np.allclose(resumed, straight, atol=1e-6)
+    got = model.state_dict() if not lora else _trained_weights(model)
+    assert want and set(got) == set(want)
+    for k, v in want.items():
+        assert torch.allclose(v, got[k], atol=1e-6), k
+
+
 def test_run_llm_sft_on_ray_train_two_workers(ray_local, tmp_path) -> None:
     """DDP over 2 gloo workers on a tiny random Llama saved as the base model; the checkpoint
-    loads back (adapter + SID tokens) and decodes only real items."""
+    loads back (adapter + SID tokens) and decodes only real items; re-running the finished
+    run hands back the same weights without training again."""
     from digr.llm_rec import load_trained_backbone, run_llm_sft
     from digr.scaling import ScalingConfig
 
@@ -200,8 +249,11 @@ def test_run_llm_sft_on_ray_train_two_workers(ray_local, tmp_path) -> None:
     pairs = task_pairs(hist, [(i + 1) % 12 for i in range(12)], CODES, [""] * 13, None, ("next_sid",), 10,
                        np.random.default_rng(0))
     cfg = LLMRecConfig(model=str(base_dir), steps=6, batch_size=4, lr=1e-2, tasks=("next_sid",),
-                       target_modules=("q_proj", "v_proj"))
+                       target_modules=("q_proj", "v_proj"), checkpoint_every=4)
     path = run_llm_sft(pairs, VOCAB, cfg, str(tmp_path / "ray"), ScalingConfig(num_workers=2), name="llm")
+    again = run_llm_sft(pairs, VOCAB, cfg, str(tmp_path / "ray"), ScalingConfig(num_workers=2), name="llm")
+    first, second = _trained_weights(load_trained_backbone(path)[0]), _trained_weights(load_trained_backbone(again)[0])
+    assert first and all(torch.equal(v, second[k]) for k, v in first.items())
     model, tok2, table = load_trained_backbone(path)
     assert len(tok2) == len(tok) + int((table >= 0).sum()) and table.shape == (3, 4)
     ranked = recommend_llm(model, tok2, table, SidTrie.from_codes(CODES, VOCAB), CODES, hist[:3], 10, beam_size=4,
@@ -234,11 +286,7 @@ def test_run_llm_grpo_on_ray_train_two_workers_resumes(ray_local, tmp_path) -> N
     path2, history2 = run_llm_grpo(sft, CODES, VOCAB, hist, targets, quality, cfg, str(tmp_path / "ray"), "split")
     assert [h["step"] for h in history2] == [1, 2, 3, 4]
 
-    def weights(p: str) -> dict[str, torch.Tensor]:
-        model = load_trained_backbone(p)[0]
-        return {k: v for k, v in model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
-
-    start, straight, split = weights(sft), weights(path), weights(path2)
+    start, straight, split = (_trained_weights(load_trained_backbone(p)[0]) for p in (sft, path, path2))
     assert straight and any(not torch.equal(v, start[k]) for k, v in straight.items())  # GRPO moved the adapter
     for k, v in straight.items():
         assert torch.allclose(v, split[k], atol=1e-6), k
