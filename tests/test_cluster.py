@@ -235,3 +235,13 @@ def test_aws_credentials_never_inline() -> None:
                 assert "value" not in env[key], f"{name}/{group}: {key} is inline"
                 assert "secretKeyRef" in env[key].get("valueFrom", {}), \
                     f"{name}/{group}: {key} must come from a secret"
+
+
+def test_rayservice_pods_all_run_serve_in_the_same_throughput_mode() -> None:
+    """Serve's high-throughput flags are read per process at start-up: a pod without them would
+    run another data path (or no HAProxy) than the rest of the cluster."""
+    spec = _load(CLUSTER / "kuberay" / "rayservice.yaml")["spec"]["rayClusterConfig"]
+    flags = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    for name, container in _containers(spec):
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert {k: env.get(k) for k in flags} == flags, f"rayservice.yaml {name}: {env}"
