@@ -152,12 +152,16 @@ def main() -> int:
         print(f"\nthroughput ({args.throughput_steps} steps, batch {base.batch_size} x G {base.group_size}):")
         print("| trainer | workers | rollouts/s | rollout s/step | step s |")
         print("|---|---|---|---|---|")
-        for label, cfg in (("all-reduce (gloo)", dataclasses.replace(base, steps=args.throughput_steps)),
-                           ("DeepSpeed ZeRO-2", dataclasses.replace(base, steps=args.throughput_steps,
-                                                                    strategy="deepspeed",
-                                                                    deepspeed=DeepSpeedSettings(zero_stage=2)))):
-            for workers in (1, 2):
-                scaled = dataclasses.replace(cfg, eval_every=10**6, checkpoint_every=10**6, threads_per_worker=2 // workers,
+        settings = (("all-reduce (gloo)", dataclasses.replace(base, steps=args.throughput_steps), (1, 2)),
+                    ("DeepSpeed ZeRO-2", dataclasses.replace(base, steps=args.throughput_steps, strategy="deepspeed",
+                                                             deepspeed=DeepSpeedSettings(zero_stage=2)), (1, 2)),
+                    # disaggregated: 1 trainer, 2 rollout actors (1 thread each) that get the weights every step
+                    ("all-reduce + 2 rollout workers", dataclasses.replace(base, steps=args.throughput_steps,
+                                                                            rollout_workers=2, rollout_cpus=1.0), (1,)))
+        for label, cfg, worker_counts in settings:
+            for workers in worker_counts:
+                scaled = dataclasses.replace(cfg, eval_every=10**6, checkpoint_every=10**6,
+                                             threads_per_worker=1 if cfg.rollout_workers else 2 // workers,
                                              batch_size=base.batch_size // workers,
                                              scaling=ScalingConfig(num_workers=workers, cpus_per_worker=2 / workers))
                 res = run_grpo(examples, sft_model, scaled, str(out / "ray"), name=f"tp-{cfg.strategy}-{workers}-{time.time_ns()}")

@@ -19,7 +19,10 @@ is exactly 1 and the loss gradient is the plain policy gradient plus the KL term
 Ray wrapper: one Ray Train `TorchTrainer`. Each worker rolls out on its own share of the
 histories (data parallel; rollouts, rewards and the update all run in the worker) and the
 gradients are averaged by DDP (gloo on CPU, NCCL on GPU) or by a DeepSpeed engine
-(`strategy: deepspeed`, ZeRO stage by config). Rank 0 validates on the valid split, keeps
+(`strategy: deepspeed`, ZeRO stage by config). With `rollout_workers: N` the driver also
+starts N `RolloutWorker` actors (their own CPUs/GPUs): each step a trainer worker puts its
+current weights in the object store and its share of the actors generate, reward and score
+the groups (`make_rollouts`); the trainer only computes the loss (`rollout_loss`) and updates. Rank 0 validates on the valid split, keeps
 the best model, and reports a checkpoint every `checkpoint_every` steps; re-running the same
 command resumes from the last one: weights, optimizer state and step count (under DeepSpeed
 every rank writes its ZeRO shard with `engine.save_checkpoint` and Ray Train merges the
@@ -86,6 +89,12 @@ class GRPOConfig:
     strategy: str = "ddp"           # ddp | deepspeed
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    # Disaggregated rollouts: > 0 starts this many `RolloutWorker` actors (each rollout_cpus /
+    # rollout_gpus) that generate and score the groups; each trainer worker sends its batch to
+    # its share of them with the current weights. 0: every trainer worker rolls out itself.
+    rollout_workers: int = 0
+    rollout_cpus: float = 1.0
+    rollout_gpus: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rollout not in ROLLOUTS:
@@ -96,6 +105,8 @@ class GRPOConfig:
                      "max_history"):
             if getattr(self, name) < 1:
                 raise ValueError(f"grpo.{name} must be >= 1, got {getattr(self, name)}")
+        if self.rollout_workers < 0 or self.rollout_cpus < 0 or self.rollout_gpus < 0:
+            raise ValueError("grpo: rollout_workers, rollout_cpus and rollout_gpus must be >= 0")
         if self.group_size < 2:
             raise ValueError("grpo.group_size must be >= 2: advantages compare samples within a group")
         if not self.temperature > 0 or not self.lr > 0 or self.beta < 0 or not 0 < self.clip_eps < 1:
@@ -143,11 +154,39 @@ def rollout(policy: SidRecommender, trie: Any, histories: list[list[int]], cfg: 
     return out.items, out.sids, None
 
 
-def grpo_step(policy: SidRecommender, reference: SidRecommender, trie: Any, histories: list[list[int]],
-              targets: torch.Tensor, sids_table: torch.Tensor, quality: torch.Tensor, cfg: GRPOConfig,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """One GRPO batch up to the loss (the caller does backward and the optimizer step).
-    targets: (B,) item_idx; sids_table: (N_items, sid_len) codes; quality: (N_items,) q, 0 = unknown."""
+@dataclass(frozen=True, eq=False)
+class RolloutBatch:
+    """B histories' groups, scored: what a rollout worker hands the trainer.
+    items (B, G) item_idx; sids (B, G, sid_len); advantages (B, G); old_logp, ref_logp
+    (B, G, sid_len) per-token log-probs under the rollout policy and the frozen SFT reference."""
+
+    histories: list[list[int]]
+    items: torch.Tensor
+    sids: torch.Tensor
+    advantages: torch.Tensor
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    stats: dict[str, float]
+
+    @staticmethod
+    def concat(parts: list[RolloutBatch]) -> RolloutBatch:
+        """Row-wise concatenation, in order; stats averaged by rows (rollouts/s summed: the parts ran in parallel)."""
+        rows = np.array([len(p.histories) for p in parts], dtype=np.float64)
+        stats = {k: float(np.dot(rows, [p.stats[k] for p in parts]) / rows.sum()) for k in parts[0].stats}
+        stats["rollouts_per_s"] = float(sum(p.stats["rollouts_per_s"] for p in parts))
+        stats["rollout_s"] = float(max(p.stats["rollout_s"] for p in parts))
+        return RolloutBatch([h for p in parts for h in p.histories],
+                            *(torch.cat([getattr(p, f) for p in parts]) for f in
+                              ("items", "sids", "advantages", "old_logp", "ref_logp")), stats)
+
+
+@torch.no_grad()
+def make_rollouts(policy: SidRecommender, reference: SidRecommender, trie: Any, histories: list[list[int]],
+                  targets: torch.Tensor, sids_table: torch.Tensor, quality: torch.Tensor, cfg: GRPOConfig,
+                  generator: torch.Generator | None = None) -> RolloutBatch:
+    """Roll out a group per history, reward it, normalise the advantages and record the rollout
+    policy's and the reference's log-probs. targets: (B,) item_idx; sids_table: (N_items,
+    sid_len) codes; quality: (N_items,) q, 0 = unknown."""
     from digr.decode import constrained_logprobs
 
     policy.eval()  # no dropout in RL: the rollout and the update see the same function
@@ -157,19 +196,68 @@ def grpo_step(policy: SidRecommender, reference: SidRecommender, trie: Any, hist
     inputs = RewardInputs(items=items, sids=sids, target=targets, target_sids=sids_table[targets],
                           levels=policy.vocab.levels, quality=quality[targets], rank=rank)
     rewards, parts = total_reward(inputs, cfg.reward)
-    adv = group_advantages(rewards)
     input_ids, mask = policy.batch(histories, cfg.max_history)
-    with torch.no_grad():
-        old = constrained_logprobs(policy, trie, input_ids, mask, sids)
-        ref = constrained_logprobs(reference, trie, input_ids, mask, sids)
-    new = constrained_logprobs(policy, trie, input_ids, mask, sids)
-    loss, stats = grpo_loss(new, old, ref, adv, cfg.clip_eps, cfg.beta)
-    stats.update({f"reward_{k}": v for k, v in parts.items()})
+    old = constrained_logprobs(policy, trie, input_ids, mask, sids)
+    ref = constrained_logprobs(reference, trie, input_ids, mask, sids)
+    stats = {f"reward_{k}": v for k, v in parts.items()}
     stats["reward"] = float(rewards.mean())
     stats["hit_rate"] = float((items == targets.unsqueeze(1)).any(dim=1).float().mean())
     stats["rollout_s"] = rollout_s
     stats["rollouts_per_s"] = items.numel() / max(rollout_s, 1e-9)
-    return loss, stats
+    return RolloutBatch(histories, items, sids, group_advantages(rewards), old, ref, stats)
+
+
+def rollout_loss(policy: SidRecommender, trie: Any, batch: RolloutBatch, cfg: GRPOConfig
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO loss of a scored rollout batch under the current policy (with gradients)."""
+    from digr.decode import constrained_logprobs
+
+    input_ids, mask = policy.batch(batch.histories, cfg.max_history)
+    new = constrained_logprobs(policy, trie, input_ids, mask, batch.sids.to(input_ids.device))
+    loss, stats = grpo_loss(new, batch.old_logp.to(new.device), batch.ref_logp.to(new.device),
+                            batch.advantages.to(new.device), cfg.clip_eps, cfg.beta)
+    return loss, {**batch.stats, **stats}
+
+
+def grpo_step(policy: SidRecommender, reference: SidRecommender, trie: Any, histories: list[list[int]],
+              targets: torch.Tensor, sids_table: torch.Tensor, quality: torch.Tensor, cfg: GRPOConfig,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """One GRPO batch up to the loss, rollouts in this process (the caller does backward and
+    the optimizer step). Arguments as `make_rollouts`."""
+    batch = make_rollouts(policy, reference, trie, histories, targets, sids_table, quality, cfg, generator)
+    return rollout_loss(policy, trie, batch, cfg)
+
+
+class RolloutWorker:
+    """A Ray actor holding a copy of the policy and the frozen SFT reference: it rolls out and
+    scores groups for the trainer (`grpo.rollout_workers` > 0), so generation can run on other
+    devices than the update. `rollout` loads the trainer's weights when their version changes."""
+
+    def __init__(self, data: dict[str, Any], cfg: GRPOConfig) -> None:
+        from digr.trie import SidTrie
+
+        if cfg.threads_per_worker:
+            torch.set_num_threads(cfg.threads_per_worker)
+        self.device = torch.device("cuda" if cfg.rollout_gpus and torch.cuda.is_available() else "cpu")
+        state = {k: torch.as_tensor(np.array(v)) for k, v in data["sft_state"].items()}
+        self.policy = SidRecommender.from_state(data["vocab"], data["model_config"], state).to(self.device).eval()
+        self.reference = copy.deepcopy(self.policy).requires_grad_(False)
+        self.policy.requires_grad_(False)
+        self.trie = SidTrie.from_codes(np.array(data["sids"]), data["vocab"]).to(self.device)
+        self.sids_table = torch.from_numpy(np.array(data["sids"])).to(self.device)
+        self.quality = torch.from_numpy(np.array(data["quality"])).to(self.device)
+        self.cfg, self.version = cfg, -1
+
+    def rollout(self, version: int, weights: dict[str, torch.Tensor], histories: list[list[int]],
+                targets: np.ndarray, seed: int) -> RolloutBatch:
+        if version != self.version:
+            self.policy.load_state_dict(weights)
+            self.version = version
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        batch = make_rollouts(self.policy, self.reference, self.trie, histories,
+                              torch.as_tensor(targets, device=self.device), self.sids_table, self.quality, self.cfg, gen)
+        return RolloutBatch(batch.histories, *(getattr(batch, f).cpu() for f in
+                                               ("items", "sids", "advantages", "old_logp", "ref_logp")), batch.stats)
 
 
 def deepspeed_config(cfg: GRPOConfig, world: int) -> dict[str, Any]:
@@ -287,6 +375,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"grpo step 0 valid ndcg@10 {state.best_ndcg:.4f} (the SFT model)", flush=True)
 
+    actors = config.get("rollout_actors") or []
+    mine = actors[rank::world] if len(actors) >= world else ([actors[rank % len(actors)]] if actors else [])
     times: list[float] = []
     for step in range(state.step + 1, cfg.steps + 1):
         t0 = time.perf_counter()
@@ -294,15 +384,23 @@ def _train_loop(config: dict[str, Any]) -> None:
         idx = rng.choice(len(train), size=min(cfg.batch_size, len(train)), replace=False)
         histories = [train.history(i).tolist() for i in idx]
         targets = torch.from_numpy(train.targets[idx]).to(device)
-        gen = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
-        loss, stats = grpo_step(module, reference, trie, histories, targets, sids_table, quality, cfg, gen)
+        if mine:  # disaggregated: this rank's rollout workers generate and score, in parallel
+            weights = ray.put(full_state())
+            chunks = [c for c in np.array_split(np.arange(len(idx)), len(mine)) if len(c)]
+            futures = [actor.rollout.remote(step, weights, [histories[i] for i in c], train.targets[idx[c]],
+                                            int(rng.integers(2**62))) for actor, c in zip(mine, chunks)]
+            loss, stats = rollout_loss(module, trie, RolloutBatch.concat(ray.get(futures)), cfg)
+        else:
+            gen = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
+            loss, stats = grpo_step(module, reference, trie, histories, targets, sids_table, quality, cfg, gen)
         if cfg.strategy == "deepspeed":
             engine.backward(loss)
             engine.step()
         else:
             apply_update(optimizer, params, loss, world, cfg.grad_clip)
         times.append(time.perf_counter() - t0)
-        row: dict[str, Any] = {"step": step, "loss": float(loss.detach()), **stats, "seconds": times[-1]}
+        row: dict[str, Any] = {"step": step, "loss": float(loss.detach()), **stats, "seconds": times[-1],
+                               "rollout_workers": len(mine)}
         if validates and (step % cfg.eval_every == 0 or step == cfg.steps):
             ndcg = evaluate_now()
             row["valid_ndcg@10"] = ndcg
@@ -432,12 +530,21 @@ def run_grpo(examples: pa.Table, sft_model: SidRecommender, cfg: GRPOConfig, sto
     data = ray.put({"train": train, "valid": valid, "sids": sids, "vocab": sft_model.vocab,
                     "model_config": sft_model.cfg, "quality": q,
                     "sft_state": {k: v.cpu().numpy() for k, v in sft_model.state_dict().items()}})
+    actors = []
+    if cfg.rollout_workers:
+        worker = ray.remote(num_cpus=cfg.rollout_cpus, num_gpus=cfg.rollout_gpus)(RolloutWorker)
+        actors = [worker.remote(data, cfg) for _ in range(cfg.rollout_workers)]
     trainer = TorchTrainer(
-        _train_loop, train_loop_config={"cfg": cfg, "data": data}, scaling_config=cfg.scaling.to_ray(),
+        _train_loop, train_loop_config={"cfg": cfg, "data": data, "rollout_actors": actors},
+        scaling_config=cfg.scaling.to_ray(),
         run_config=RunConfig(storage_path=storage.absolute(storage_dir), name=name,
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        for actor in actors:
+            ray.kill(actor)
     if result.checkpoint is None:
         raise RuntimeError(f"grpo run {name!r} under {storage_dir} finished without a checkpoint")
     with result.checkpoint.as_directory() as ckpt_dir:

@@ -145,6 +145,28 @@ def test_a_few_grpo_steps_raise_the_reward_on_a_toy_task() -> None:
     assert np.mean(rewards[-10:]) > np.mean(rewards[:10]) + 0.05, rewards
 
 
+def test_rollout_batches_split_and_concatenated_score_like_one_batch() -> None:
+    """What rollout workers do (each scores a slice of the batch; the trainer concatenates)
+    gives the loss that one process scoring the whole batch gives."""
+    from digr.grpo import RolloutBatch, make_rollouts, rollout_loss
+
+    model, trie = _toy(seed=2)
+    reference = SidRecommender.from_state(model.vocab, model.cfg, model.state_dict()).eval().requires_grad_(False)
+    cfg = GRPOConfig(group_size=4, rollout="beam", reward=RewardConfig(prefix=0.5))
+    hist = [[i, (i + 1) % 12] for i in range(6)]
+    targets = torch.tensor([(i + 2) % 12 for i in range(6)])
+    args = (trie.codes, torch.linspace(0, 1, 12), cfg)
+    whole = make_rollouts(model, reference, trie, hist, targets, *args)
+    halves = RolloutBatch.concat([make_rollouts(model, reference, trie, hist[:4], targets[:4], *args),
+                                  make_rollouts(model, reference, trie, hist[4:], targets[4:], *args)])
+    assert halves.histories == hist and torch.equal(halves.items, whole.items)
+    assert torch.allclose(halves.advantages, whole.advantages) and torch.allclose(halves.ref_logp, whole.ref_logp)
+    assert halves.stats["reward"] == pytest.approx(whole.stats["reward"])  # row-weighted: 4/6 and 2/6
+    loss_whole, _ = rollout_loss(model, trie, whole, cfg)
+    loss_halves, _ = rollout_loss(model, trie, halves, cfg)
+    assert torch.allclose(loss_whole, loss_halves, atol=1e-6)
+
+
 def _examples(n_users: int = 24, n_items: int = 12) -> pa.Table:
     rows = []
     for u in range(n_users):
@@ -187,6 +209,25 @@ def test_stale_extension_locks_are_removed_and_live_ones_kept(tmp_path) -> None:
 
 
 # A hang here (a stuck op build) must fail in minutes, not at the suite's 15-minute default.
+def test_run_grpo_with_rollout_workers_matches_rollouts_in_the_trainer(ray_local, tmp_path) -> None:
+    """Disaggregated: 2 RolloutWorker actors generate and score the (deterministic, beam)
+    groups with the weights each step's trainer sends; the run ends on the weights and history
+    of the same run with rollouts inside the trainer."""
+    model, _ = _toy()
+    cfg = GRPOConfig(steps=3, batch_size=8, group_size=4, rollout="beam", eval_every=3, checkpoint_every=3,
+                     valid_users=24, lr=1e-2)
+    inside = run_grpo(_examples(), model, cfg, str(tmp_path), name="inside")
+    split = run_grpo(_examples(), model, GRPOConfig(**{**cfg.__dict__, "rollout_workers": 2, "rollout_cpus": 0.5}),
+                     str(tmp_path), name="workers")
+    assert [r["step"] for r in split.history] == [1, 2, 3]
+    assert [r["rollout_workers"] for r in inside.history + split.history] == [0] * 3 + [2] * 3
+    for a, b in zip(inside.history, split.history):
+        assert a["reward"] == pytest.approx(b["reward"]) and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert not torch.equal(split.last_state["t5.lm_head.weight"], model.state_dict()["t5.lm_head.weight"])
+    for k, v in inside.last_state.items():
+        assert torch.allclose(v, split.last_state[k], atol=1e-5), k
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_run_grpo_with_deepspeed_zero_on_cpu(ray_local, tmp_path, stage: int) -> None:
