@@ -37,6 +37,7 @@ def main() -> int:
     ap.add_argument("--output", default="", help="default: <run>/bench-grpo")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--throughput-steps", type=int, default=10, help="0 = skip the DDP/DeepSpeed timing runs")
+    ap.add_argument("--skip-quality", action="store_true", help="only the throughput runs")
     ap.add_argument("overrides", nargs="*", help="grpo config key=value")
     args = ap.parse_args()
 
@@ -90,63 +91,64 @@ def main() -> int:
                 (out / f"predictions_{tag}.jsonl").write_text(buf.getvalue())
         return res
 
-    results: dict[str, list[dict[str, dict[str, float]]]] = {"sft": [evaluate(str(run / "sft" / "model"), "sft")]}
-    variants = {"grpo_rule": dataclasses.replace(base, reward=dataclasses.replace(base.reward, qarm=0.0))}
-    if quality is not None and (quality > 0).any():
-        variants["grpo_qarm"] = dataclasses.replace(base, reward=dataclasses.replace(base.reward, qarm=0.5))
-    else:
-        print("\nno q_i for this catalogue (<run>/label/quality.parquet missing or all 0): the QARM variant "
-              "would equal the rule reward, so it is skipped")
-    histories: dict[str, list] = {}
-    for name, cfg in variants.items():
-        results[name] = []
-        for seed in args.seeds:
-            t0 = time.time()
-            res = run_grpo(examples, sft_model, dataclasses.replace(cfg, seed=seed), str(out / "ray"),
-                           name=f"{name}-s{seed}", quality=quality)
-            model_dir = str(out / f"{name}-s{seed}" / "model")
-            save_model(res.model, model_dir)
-            histories[f"{name}-s{seed}"] = res.history
-            results[name].append(evaluate(model_dir, f"{name}-s{seed}"))
-            print(f"{name} seed {seed}: {time.time() - t0:.0f} s, best step {res.best_step}, "
-                  f"test ndcg@10 {results[name][-1]['test']['ndcg@10']:.4f}", flush=True)
-    (out / "results.json").write_text(json.dumps({"results": results, "config": dataclasses.asdict(base),
-                                                  "histories": histories}, indent=2, default=str))
+    if not args.skip_quality:
+        results: dict[str, list[dict[str, dict[str, float]]]] = {"sft": [evaluate(str(run / "sft" / "model"), "sft")]}
+        variants = {"grpo_rule": dataclasses.replace(base, reward=dataclasses.replace(base.reward, qarm=0.0))}
+        if quality is not None and (quality > 0).any():
+            variants["grpo_qarm"] = dataclasses.replace(base, reward=dataclasses.replace(base.reward, qarm=0.5))
+        else:
+            print("\nno q_i for this catalogue (<run>/label/quality.parquet missing or all 0): the QARM variant "
+                  "would equal the rule reward, so it is skipped")
+        histories: dict[str, list] = {}
+        for name, cfg in variants.items():
+            results[name] = []
+            for seed in args.seeds:
+                t0 = time.time()
+                res = run_grpo(examples, sft_model, dataclasses.replace(cfg, seed=seed), str(out / "ray"),
+                               name=f"{name}-s{seed}", quality=quality)
+                model_dir = str(out / f"{name}-s{seed}" / "model")
+                save_model(res.model, model_dir)
+                histories[f"{name}-s{seed}"] = res.history
+                results[name].append(evaluate(model_dir, f"{name}-s{seed}"))
+                print(f"{name} seed {seed}: {time.time() - t0:.0f} s, best step {res.best_step}, "
+                      f"test ndcg@10 {results[name][-1]['test']['ndcg@10']:.4f}", flush=True)
+        (out / "results.json").write_text(json.dumps({"results": results, "config": dataclasses.asdict(base),
+                                                      "histories": histories}, indent=2, default=str))
 
-    print(f"\nGRPO on {run} ({base.steps} steps, G={base.group_size}, {base.rollout} rollouts, lr {base.lr}, "
-          f"beta {base.beta}); mean ± std over seeds {args.seeds} (SFT: one trained model)")
-    for split in ("test", "valid"):
-        print(f"\n{split} split")
-        print("| model | " + " | ".join(METRICS) + " |")
-        print("|---|" + "---|" * len(METRICS))
-        for name, runs in results.items():
-            cells = []
-            for m in METRICS:
-                v = np.array([r[split][m] for r in runs])
-                cells.append(f"{v.mean():.4f}" + (f" ± {v.std():.4f}" if len(v) > 1 else ""))
-            print(f"| {name} | " + " | ".join(cells) + " |")
-    sft_test = results["sft"][0]["test"]["ndcg@10"]
-    for name in variants:
-        values = np.array([r["test"]["ndcg@10"] for r in results[name]])
-        mean, std = float(values.mean()), float(values.std())
-        # A gain smaller than 1e-4 (the table's last digit) or than the spread over seeds is noise.
-        verdict = ("RAISED" if mean - sft_test > max(1e-4, std) else
-                   "did NOT raise" if mean <= sft_test else "did not clearly raise (within noise)")
-        print(f"{name}: test NDCG@10 {mean:.5f} ± {std:.5f} vs SFT {sft_test:.5f} ({mean - sft_test:+.5f}) "
-              f"-> GRPO {verdict} test NDCG@10")
+        print(f"\nGRPO on {run} ({base.steps} steps, G={base.group_size}, {base.rollout} rollouts, lr {base.lr}, "
+              f"beta {base.beta}); mean ± std over seeds {args.seeds} (SFT: one trained model)")
+        for split in ("test", "valid"):
+            print(f"\n{split} split")
+            print("| model | " + " | ".join(METRICS) + " |")
+            print("|---|" + "---|" * len(METRICS))
+            for name, runs in results.items():
+                cells = []
+                for m in METRICS:
+                    v = np.array([r[split][m] for r in runs])
+                    cells.append(f"{v.mean():.4f}" + (f" ± {v.std():.4f}" if len(v) > 1 else ""))
+                print(f"| {name} | " + " | ".join(cells) + " |")
+        sft_test = results["sft"][0]["test"]["ndcg@10"]
+        for name in variants:
+            values = np.array([r["test"]["ndcg@10"] for r in results[name]])
+            mean, std = float(values.mean()), float(values.std())
+            # A gain smaller than 1e-4 (the table's last digit) or than the spread over seeds is noise.
+            verdict = ("RAISED" if mean - sft_test > max(1e-4, std) else
+                       "did NOT raise" if mean <= sft_test else "did not clearly raise (within noise)")
+            print(f"{name}: test NDCG@10 {mean:.5f} ± {std:.5f} vs SFT {sft_test:.5f} ({mean - sft_test:+.5f}) "
+                  f"-> GRPO {verdict} test NDCG@10")
 
-    if SCORER.exists():
-        print(f"\nindependent check with {SCORER.name} (test split):")
-        data_dir = manifest["config"]["ingest"]["path"]
-        for tag in ["sft", *[f"{n}-s{s}" for n in variants for s in args.seeds]]:
-            ours = (results["sft"][0] if tag == "sft" else
-                    results[tag.rsplit("-s", 1)[0]][args.seeds.index(int(tag.rsplit("-s", 1)[1]))])["test"]
-            proc = subprocess.run([sys.executable, str(SCORER), data_dir, str(out / f"predictions_{tag}.jsonl")],
-                                  capture_output=True, text=True, check=True)
-            theirs = json.loads(proc.stdout)
-            ok = max(abs(theirs[k] - ours[k]) for k in METRICS) < 1e-4 and theirs["missing"] == 0
-            print(f"  {tag:<14} score.py ndcg@10 {theirs['ndcg@10']:.5f} hr@10 {theirs['hr@10']:.5f} "
-                  f"missing {theirs['missing']} -> {'agree' if ok else 'DISAGREE'}")
+        if SCORER.exists():
+            print(f"\nindependent check with {SCORER.name} (test split):")
+            data_dir = manifest["config"]["ingest"]["path"]
+            for tag in ["sft", *[f"{n}-s{s}" for n in variants for s in args.seeds]]:
+                ours = (results["sft"][0] if tag == "sft" else
+                        results[tag.rsplit("-s", 1)[0]][args.seeds.index(int(tag.rsplit("-s", 1)[1]))])["test"]
+                proc = subprocess.run([sys.executable, str(SCORER), data_dir, str(out / f"predictions_{tag}.jsonl")],
+                                      capture_output=True, text=True, check=True)
+                theirs = json.loads(proc.stdout)
+                ok = max(abs(theirs[k] - ours[k]) for k in METRICS) < 1e-4 and theirs["missing"] == 0
+                print(f"  {tag:<14} score.py ndcg@10 {theirs['ndcg@10']:.5f} hr@10 {theirs['hr@10']:.5f} "
+                      f"missing {theirs['missing']} -> {'agree' if ok else 'DISAGREE'}")
 
     if args.throughput_steps:
         print(f"\nthroughput ({args.throughput_steps} steps, batch {base.batch_size} x G {base.group_size}):")

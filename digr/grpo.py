@@ -255,7 +255,7 @@ class RolloutWorker:
             self.version = version
         gen = torch.Generator(device=self.device).manual_seed(seed)
         batch = make_rollouts(self.policy, self.reference, self.trie, histories,
-                              torch.as_tensor(targets, device=self.device), self.sids_table, self.quality, self.cfg, gen)
+                              torch.tensor(targets, device=self.device), self.sids_table, self.quality, self.cfg, gen)
         return RolloutBatch(batch.histories, *(getattr(batch, f).cpu() for f in
                                                ("items", "sids", "advantages", "old_logp", "ref_logp")), batch.stats)
 

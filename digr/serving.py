@@ -49,6 +49,9 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.005
     max_queued_requests: int = 128         # per model replica; beyond it requests get 503 (no unbounded backlog)
     additions_dir: str = ""                 # journal of items added while serving (local or s3://); "" = memory only
+    # Ray actor options of every model replica, e.g. {num_gpus: 1} or {resources: {...}}; a Serve
+    # config's `deployments: [{name: model_<variant>, ray_actor_options: ...}]` overrides per variant.
+    model_ray_actor_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_k < 1 or self.beam_size < 1:

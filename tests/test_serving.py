@@ -4,6 +4,7 @@ the Ray Serve application end to end over HTTP on 127.0.0.1 with a tiny saved mo
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -274,6 +275,44 @@ def test_serve_configs_build_valid_serve_configs(path: str) -> None:
     weights = next((d["user_config"]["weights"] for d in app.get("deployments", []) if d["name"] == "Gateway"), None)
     if cfg.variants:
         assert weights == {v.name: v.weight for v in cfg.variants}
+
+
+def test_model_not_ready_fails_readiness_and_requests_get_503_while_liveness_stays_up(ray_local, tmp_path) -> None:
+    """The model replicas ask for a resource no node has (a GPU node still being added, say),
+    so no model is up: /readyz answers 503, requests 503 naming the model, /healthz 200."""
+    from ray import serve
+
+    from serve.app import build
+
+    run, _ = _tiny_run(tmp_path)
+    port = 18126
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"run_dir": run, "max_k": 5, "beam_size": 5,
+            "model_ray_actor_options": {"num_cpus": 0, "resources": {"digr_test_absent_node": 1}}}
+    # serve.run waits for every deployment to be RUNNING, which a model that cannot be placed
+    # never is; `_run(_blocking=False)` (what serve.run wraps) deploys and returns.
+    serve._run(build(args), _blocking=False, name="digr-unready", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:  # the gateway itself comes up; the model never does
+            try:
+                with urllib.request.urlopen(f"{url}/healthz", timeout=10) as r:
+                    assert r.status == 200 and json.loads(r.read()) == {"status": "alive"}
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.time() < deadline, "the gateway never answered /healthz"
+                time.sleep(1)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{url}/readyz", timeout=60)
+        assert e.value.code == 503 and json.loads(e.value.read())["status"] == "not ready"
+        status, err = _post(f"{url}/recommend", json.dumps({"user_id": "u1", "history": ["i1"], "k": 3}).encode())
+        assert status == 503 and "not ready" in err["error"] and err["request_id"]
+        with urllib.request.urlopen(f"{url}/healthz", timeout=10) as r:
+            assert r.status == 200  # liveness stays up throughout
+    finally:
+        serve.delete("digr-unready")
+        serve.shutdown()
 
 
 def test_serve_auth_and_overload(ray_local, tmp_path, monkeypatch) -> None:
