@@ -10,8 +10,9 @@ Tasks (each a prompt and the completion the loss is taken on):
   title_to_sid    'The item titled "<title>" is:'                             -> SID
   intents_to_sid  "An item people buy to: <intent>; <intent>. The item is:"   -> SID (items with intents)
 Decoding: `TrieLogitsProcessor` masks every token but the trie's children of the SID prefix
-generated so far, so transformers' own beam search (or vLLM's, through the same processor)
-only ever emits SIDs of real items; `recommend_llm` returns distinct top-K items.
+generated so far, so transformers' own beam search only ever emits SIDs of real items;
+`recommend_llm` returns distinct top-K items. (vLLM's V1 engine takes logits processors as
+classes loaded in the engine process, a different interface: not wired yet.)
 GRPO: `llm_grpo_step` is the SID model's GRPO (`digr.grpo`: the same rewards, group
 advantages and clipped loss with KL to the frozen SFT copy) with rollouts from transformers'
 `generate` under the same processor (sampling or beam-as-group) and per-token log-probs from
@@ -19,8 +20,9 @@ one teacher-forced forward, renormalised over the trie's allowed codes.
 On GPU a Qwen2.5-class model by config (`LLMRecConfig.model`); here SmolLM2-135M-Instruct.
 Ray wrapper: `run_llm_sft` runs the SFT on a Ray Train `TorchTrainer` (DDP, gloo on CPU, NCCL
 on GPU; each worker trains on its shard of the pairs) and checkpoints the adapter, the
-tokenizer and the SID token table (`save_backbone` / `load_trained_backbone`). Not yet: GRPO on
-this backbone inside Ray Train (`train_llm_grpo` runs in one process) and mid-run resume.
+tokenizer and the SID token table (`save_backbone` / `load_trained_backbone`), every
+`checkpoint_every` steps, and a re-run resumes from the last one; `run_llm_grpo` runs its GRPO
+on Ray Train the same way (`train_llm_grpo` is the one-process version).
 """
 
 from __future__ import annotations
