@@ -183,10 +183,12 @@ class RolloutBatch:
 @torch.no_grad()
 def make_rollouts(policy: SidRecommender, reference: SidRecommender, trie: Any, histories: list[list[int]],
                   targets: torch.Tensor, sids_table: torch.Tensor, quality: torch.Tensor, cfg: GRPOConfig,
-                  generator: torch.Generator | None = None) -> RolloutBatch:
+                  generator: torch.Generator | None = None,
+                  intents: tuple[torch.Tensor, torch.Tensor] | None = None) -> RolloutBatch:
     """Roll out a group per history, reward it, normalise the advantages and record the rollout
     policy's and the reference's log-probs. targets: (B,) item_idx; sids_table: (N_items,
-    sid_len) codes; quality: (N_items,) q, 0 = unknown."""
+    sid_len) codes; quality: (N_items,) q, 0 = unknown; intents: (N_items, d) unit intent
+    vectors and (N_items,) bool "has intents", for the interest reward."""
     from digr.decode import constrained_logprobs
 
     policy.eval()  # no dropout in RL: the rollout and the update see the same function
@@ -194,7 +196,8 @@ def make_rollouts(policy: SidRecommender, reference: SidRecommender, trie: Any, 
     items, sids, rank = rollout(policy, trie, histories, cfg, generator)
     rollout_s = time.perf_counter() - t0
     inputs = RewardInputs(items=items, sids=sids, target=targets, target_sids=sids_table[targets],
-                          levels=policy.vocab.levels, quality=quality[targets], rank=rank)
+                          levels=policy.vocab.levels, quality=quality[targets], rank=rank,
+                          intent_vectors=intents[0] if intents else None, has_intents=intents[1] if intents else None)
     rewards, parts = total_reward(inputs, cfg.reward)
     input_ids, mask = policy.batch(histories, cfg.max_history)
     old = constrained_logprobs(policy, trie, input_ids, mask, sids)
@@ -221,11 +224,19 @@ def rollout_loss(policy: SidRecommender, trie: Any, batch: RolloutBatch, cfg: GR
 
 def grpo_step(policy: SidRecommender, reference: SidRecommender, trie: Any, histories: list[list[int]],
               targets: torch.Tensor, sids_table: torch.Tensor, quality: torch.Tensor, cfg: GRPOConfig,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+              generator: torch.Generator | None = None,
+              intents: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """One GRPO batch up to the loss, rollouts in this process (the caller does backward and
     the optimizer step). Arguments as `make_rollouts`."""
-    batch = make_rollouts(policy, reference, trie, histories, targets, sids_table, quality, cfg, generator)
+    batch = make_rollouts(policy, reference, trie, histories, targets, sids_table, quality, cfg, generator, intents)
     return rollout_loss(policy, trie, batch, cfg)
+
+
+def _intents(data: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if data.get("intent_vectors") is None:
+        return None
+    return (torch.from_numpy(np.array(data["intent_vectors"], dtype=np.float32)).to(device),
+            torch.from_numpy(np.array(data["has_intents"], dtype=bool)).to(device))
 
 
 class RolloutWorker:
@@ -246,6 +257,7 @@ class RolloutWorker:
         self.trie = SidTrie.from_codes(np.array(data["sids"]), data["vocab"]).to(self.device)
         self.sids_table = torch.from_numpy(np.array(data["sids"])).to(self.device)
         self.quality = torch.from_numpy(np.array(data["quality"])).to(self.device)
+        self.intents = _intents(data, self.device)
         self.cfg, self.version = cfg, -1
 
     def rollout(self, version: int, weights: dict[str, torch.Tensor], histories: list[list[int]],
@@ -255,7 +267,8 @@ class RolloutWorker:
             self.version = version
         gen = torch.Generator(device=self.device).manual_seed(seed)
         batch = make_rollouts(self.policy, self.reference, self.trie, histories,
-                              torch.tensor(targets, device=self.device), self.sids_table, self.quality, self.cfg, gen)
+                              torch.tensor(targets, device=self.device), self.sids_table, self.quality, self.cfg, gen,
+                              self.intents)
         return RolloutBatch(batch.histories, *(getattr(batch, f).cpu() for f in
                                                ("items", "sids", "advantages", "old_logp", "ref_logp")), batch.stats)
 
@@ -309,6 +322,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     sids_table = torch.from_numpy(np.array(data["sids"])).to(device)
     quality = torch.from_numpy(np.array(data["quality"])).to(device)
+    intents = _intents(data, device)
     trie = SidTrie.from_codes(np.array(data["sids"]), vocab).to(device)
     train: Examples = data["train"]
     state, saved, best_state = GRPOState(), None, None
@@ -392,7 +406,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             loss, stats = rollout_loss(module, trie, RolloutBatch.concat(ray.get(futures)), cfg)
         else:
             gen = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
-            loss, stats = grpo_step(module, reference, trie, histories, targets, sids_table, quality, cfg, gen)
+            loss, stats = grpo_step(module, reference, trie, histories, targets, sids_table, quality, cfg, gen, intents)
         if cfg.strategy == "deepspeed":
             engine.backward(loss)
             engine.step()
@@ -507,11 +521,14 @@ class GRPOResult:
 
 
 def run_grpo(examples: pa.Table, sft_model: SidRecommender, cfg: GRPOConfig, storage_dir: str, name: str = "grpo",
-             quality: np.ndarray | None = None) -> GRPOResult:
+             quality: np.ndarray | None = None, intent_vectors: np.ndarray | None = None,
+             has_intents: np.ndarray | None = None) -> GRPOResult:
     """Train (or resume, or return the finished run at `<storage_dir>/<name>`).
 
     examples: the ingest stage's examples table; sft_model: the trained SFT recommender (its
-    SID table defines the catalogue); quality: (N_items,) float q_i, NaN or absent = unknown (0)."""
+    SID table defines the catalogue); quality: (N_items,) float q_i, NaN or absent = unknown (0);
+    intent_vectors (N_items, d) and has_intents (N_items,) bool: the items' intent embeddings for
+    the interest reward (`reward.interest` > 0 needs them)."""
     import ray
     from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -526,9 +543,21 @@ def run_grpo(examples: pa.Table, sft_model: SidRecommender, cfg: GRPOConfig, sto
     q = np.zeros(n_items, np.float32) if quality is None else np.nan_to_num(np.asarray(quality, np.float32))
     if q.shape != (n_items,):
         raise ValueError(f"grpo: quality must be (N_items={n_items},), got {q.shape}")
+    if cfg.reward.interest > 0 and intent_vectors is None:
+        raise ValueError("grpo: reward.interest > 0 needs the items' intent vectors (run_grpo's intent_vectors "
+                         "and has_intents); without them the interest reward would be 0 for every rollout")
+    if intent_vectors is not None:
+        vec = np.asarray(intent_vectors, np.float32)
+        has = np.ones(n_items, bool) if has_intents is None else np.asarray(has_intents, bool)
+        if vec.ndim != 2 or vec.shape[0] != n_items or has.shape != (n_items,):
+            raise ValueError(f"grpo: intent_vectors must be (N_items={n_items}, d) and has_intents ({n_items},), "
+                             f"got {vec.shape} and {has.shape}")
+        norms = np.linalg.norm(vec, axis=1, keepdims=True)
+        intent_vectors, has_intents = vec / np.maximum(norms, 1e-12), has & (norms[:, 0] > 0)
     sids = sft_model.vocab.decode(sft_model.sid_tokens).cpu().numpy()
     data = ray.put({"train": train, "valid": valid, "sids": sids, "vocab": sft_model.vocab,
-                    "model_config": sft_model.cfg, "quality": q,
+                    "model_config": sft_model.cfg, "quality": q, "intent_vectors": intent_vectors,
+                    "has_intents": has_intents,
                     "sft_state": {k: v.cpu().numpy() for k, v in sft_model.state_dict().items()}})
     actors = []
     if cfg.rollout_workers:

@@ -167,6 +167,25 @@ def test_rollout_batches_split_and_concatenated_score_like_one_batch() -> None:
     assert torch.allclose(loss_whole, loss_halves, atol=1e-6)
 
 
+def test_interest_reward_reaches_the_rollouts_and_is_refused_without_vectors(tmp_path) -> None:
+    """The interest reward is computed from the intent vectors handed to the rollouts; a run
+    that asks for it without vectors stops with an error instead of paying 0 everywhere."""
+    from digr.grpo import make_rollouts
+
+    model, trie = _toy(seed=3)
+    reference = SidRecommender.from_state(model.vocab, model.cfg, model.state_dict()).eval().requires_grad_(False)
+    cfg = GRPOConfig(group_size=4, rollout="beam", reward=RewardConfig(interest=1.0))
+    vecs = torch.zeros(12, 2)
+    vecs[:, 0] = 1.0  # every item has the same intents: cosine 1 for every generated item
+    has = torch.ones(12, dtype=torch.bool)
+    has[5] = False  # target 5 has none: its row pays 0
+    batch = make_rollouts(model, reference, trie, [[1, 2], [3, 4]], torch.tensor([3, 5]), trie.codes,
+                          torch.zeros(12), cfg, intents=(vecs, has))
+    assert batch.stats["reward_interest"] == pytest.approx(0.5)  # row 1: 1 for all 4; row 2: 0
+    with pytest.raises(ValueError, match="interest"):
+        run_grpo(_examples(), model, cfg, str(tmp_path))
+
+
 def _examples(n_users: int = 24, n_items: int = 12) -> pa.Table:
     rows = []
     for u in range(n_users):
