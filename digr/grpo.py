@@ -22,7 +22,8 @@ gradients are averaged by DDP (gloo on CPU, NCCL on GPU) or by a DeepSpeed engin
 (`strategy: deepspeed`, ZeRO stage by config). With `rollout_workers: N` the driver also
 starts N `RolloutWorker` actors (their own CPUs/GPUs): each step a trainer worker puts its
 current weights in the object store and its share of the actors generate, reward and score
-the groups (`make_rollouts`); the trainer only computes the loss (`rollout_loss`) and updates. Rank 0 validates on the valid split, keeps
+the groups (`make_rollouts`); the trainer only computes the loss (`rollout_loss`) and
+updates. Rank 0 validates on the valid split, keeps
 the best model, and reports a checkpoint every `checkpoint_every` steps; re-running the same
 command resumes from the last one: weights, optimizer state and step count (under DeepSpeed
 every rank writes its ZeRO shard with `engine.save_checkpoint` and Ray Train merges the
@@ -212,9 +213,11 @@ def make_rollouts(policy: SidRecommender, reference: SidRecommender, trie: Any, 
 
 def rollout_loss(policy: SidRecommender, trie: Any, batch: RolloutBatch, cfg: GRPOConfig
                  ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The GRPO loss of a scored rollout batch under the current policy (with gradients)."""
+    """The GRPO loss of a scored rollout batch under the current policy (with gradients).
+    Dropout stays off, as in the rollout: the same function scores both."""
     from digr.decode import constrained_logprobs
 
+    policy.eval()
     input_ids, mask = policy.batch(batch.histories, cfg.max_history)
     new = constrained_logprobs(policy, trie, input_ids, mask, batch.sids.to(input_ids.device))
     loss, stats = grpo_loss(new, batch.old_logp.to(new.device), batch.ref_logp.to(new.device),

@@ -88,11 +88,11 @@ def test_grpo_loss_by_hand() -> None:
     assert stats["kl"] == pytest.approx(1 - math.log(2)) and float(loss) == pytest.approx(0.1 * (1 - math.log(2)))
 
 
-def _toy(n_items: int = 12, seed: int = 0) -> tuple[SidRecommender, SidTrie]:
+def _toy(n_items: int = 12, seed: int = 0, dropout: float = 0.0) -> tuple[SidRecommender, SidTrie]:
     vocab = SidVocab(levels=2, codebook_size=4, suffix_size=1)
     codes = np.array([[i // 4, i % 4, 0] for i in range(n_items)])
     torch.manual_seed(seed)
-    cfg = ModelConfig(d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2, dropout=0.0,
+    cfg = ModelConfig(d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2, dropout=dropout,
                       content_features=False)
     trie = SidTrie.from_codes(codes, vocab)
     return SidRecommender(vocab, cfg, vocab.encode(torch.from_numpy(codes))), trie
@@ -231,8 +231,8 @@ def test_stale_extension_locks_are_removed_and_live_ones_kept(tmp_path) -> None:
 def test_run_grpo_with_rollout_workers_matches_rollouts_in_the_trainer(ray_local, tmp_path) -> None:
     """Disaggregated: 2 RolloutWorker actors generate and score the (deterministic, beam)
     groups with the weights each step's trainer sends; the run ends on the weights and history
-    of the same run with rollouts inside the trainer."""
-    model, _ = _toy()
+    of the same run with rollouts inside the trainer (dropout configured: it must stay off)."""
+    model, _ = _toy(dropout=0.3)
     cfg = GRPOConfig(steps=3, batch_size=8, group_size=4, rollout="beam", eval_every=3, checkpoint_every=3,
                      valid_users=24, lr=1e-2)
     inside = run_grpo(_examples(), model, cfg, str(tmp_path), name="inside")
