@@ -35,21 +35,29 @@ sys.path.insert(0, str(REPO))
 PORT = 18200
 
 
+def _connect(port: int) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+
+def _post(conn: http.client.HTTPConnection, body: bytes, port: int) -> tuple[http.client.HTTPConnection, int]:
+    """POST /recommend on a keep-alive connection -> (the connection to use next, HTTP status;
+    0 for a transport error, after which the next connection is a fresh one)."""
+    try:
+        conn.request("POST", "/recommend", body, {"content-type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        return conn, resp.status
+    except (OSError, http.client.HTTPException):
+        conn.close()
+        return _connect(port), 0
+
+
 def _client(bodies: list[bytes], stop: float, out: list[tuple[float, int]], seed: int, port: int) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn = _connect(port)
     rng = np.random.default_rng(seed)
     while time.perf_counter() < stop:
-        body = bodies[int(rng.integers(len(bodies)))]
         t0 = time.perf_counter()
-        try:
-            conn.request("POST", "/recommend", body, {"content-type": "application/json"})
-            resp = conn.getresponse()
-            resp.read()
-            status = resp.status
-        except (OSError, http.client.HTTPException):
-            status = 0
-            conn.close()
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn, status = _post(conn, bodies[int(rng.integers(len(bodies)))], port)
         out.append((time.perf_counter() - t0, status))
     conn.close()
 
@@ -84,15 +92,8 @@ def open_loop(bodies: list[bytes], rate: float, seconds: float, port: int = PORT
         due = start + i / rate
         time.sleep(max(0.0, due - time.perf_counter()))
         if not hasattr(local, "conn"):
-            local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        try:
-            local.conn.request("POST", "/recommend", bodies[i % len(bodies)], {"content-type": "application/json"})
-            r = local.conn.getresponse()
-            r.read()
-            status = r.status
-        except (OSError, http.client.HTTPException):
-            local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            status = 0
+            local.conn = _connect(port)
+        local.conn, status = _post(local.conn, bodies[i % len(bodies)], port)
         return time.perf_counter() - due, status
 
     with cf.ThreadPoolExecutor(workers) as pool:
@@ -112,17 +113,10 @@ def kill_replica_under_load(bodies: list[bytes], clients: int, seconds: float) -
     stop = time.perf_counter() + seconds
 
     def loop(c: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=30)
+        conn = _connect(PORT)
         while time.perf_counter() < stop:
             t0 = time.perf_counter()
-            try:
-                conn.request("POST", "/recommend", bodies[c % len(bodies)], {"content-type": "application/json"})
-                r = conn.getresponse()
-                r.read()
-                status = r.status
-            except (OSError, http.client.HTTPException):
-                status = 0
-                conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=30)
+            conn, status = _post(conn, bodies[c % len(bodies)], PORT)
             results[c].append((t0, status, time.perf_counter()))
         conn.close()
 

@@ -235,11 +235,33 @@ def grpo_step(policy: SidRecommender, reference: SidRecommender, trie: Any, hist
     return rollout_loss(policy, trie, batch, cfg)
 
 
-def _intents(data: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if data.get("intent_vectors") is None:
-        return None
-    return (torch.from_numpy(np.array(data["intent_vectors"], dtype=np.float32)).to(device),
-            torch.from_numpy(np.array(data["has_intents"], dtype=bool)).to(device))
+@dataclass(frozen=True, eq=False)
+class Scoring:
+    """What rolling out and scoring needs on one device, built from `run_grpo`'s data: the
+    policy (SFT weights), the frozen SFT reference, the trie, the (N_items, sid_len) SID table,
+    (N_items,) q and the optional (intent vectors, has intents) pair."""
+
+    policy: SidRecommender
+    reference: SidRecommender
+    trie: Any
+    sids_table: torch.Tensor
+    quality: torch.Tensor
+    intents: tuple[torch.Tensor, torch.Tensor] | None
+
+    @staticmethod
+    def build(data: dict[str, Any], device: torch.device) -> Scoring:
+        from digr.trie import SidTrie
+
+        state = {k: torch.as_tensor(np.array(v)) for k, v in data["sft_state"].items()}
+        policy = SidRecommender.from_state(data["vocab"], data["model_config"], state).to(device)
+        intents = None
+        if data.get("intent_vectors") is not None:
+            intents = (torch.from_numpy(np.array(data["intent_vectors"], dtype=np.float32)).to(device),
+                       torch.from_numpy(np.array(data["has_intents"], dtype=bool)).to(device))
+        return Scoring(policy, copy.deepcopy(policy).eval().requires_grad_(False),
+                       SidTrie.from_codes(np.array(data["sids"]), data["vocab"]).to(device),
+                       torch.from_numpy(np.array(data["sids"])).to(device),
+                       torch.from_numpy(np.array(data["quality"])).to(device), intents)
 
 
 class RolloutWorker:
@@ -248,30 +270,22 @@ class RolloutWorker:
     devices than the update. `rollout` loads the trainer's weights when their version changes."""
 
     def __init__(self, data: dict[str, Any], cfg: GRPOConfig) -> None:
-        from digr.trie import SidTrie
-
         if cfg.threads_per_worker:
             torch.set_num_threads(cfg.threads_per_worker)
         self.device = torch.device("cuda" if cfg.rollout_gpus and torch.cuda.is_available() else "cpu")
-        state = {k: torch.as_tensor(np.array(v)) for k, v in data["sft_state"].items()}
-        self.policy = SidRecommender.from_state(data["vocab"], data["model_config"], state).to(self.device).eval()
-        self.reference = copy.deepcopy(self.policy).requires_grad_(False)
-        self.policy.requires_grad_(False)
-        self.trie = SidTrie.from_codes(np.array(data["sids"]), data["vocab"]).to(self.device)
-        self.sids_table = torch.from_numpy(np.array(data["sids"])).to(self.device)
-        self.quality = torch.from_numpy(np.array(data["quality"])).to(self.device)
-        self.intents = _intents(data, self.device)
+        self.s = Scoring.build(data, self.device)
+        self.s.policy.requires_grad_(False)
         self.cfg, self.version = cfg, -1
 
     def rollout(self, version: int, weights: dict[str, torch.Tensor], histories: list[list[int]],
                 targets: np.ndarray, seed: int) -> RolloutBatch:
+        s = self.s
         if version != self.version:
-            self.policy.load_state_dict(weights)
+            s.policy.load_state_dict(weights)
             self.version = version
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        batch = make_rollouts(self.policy, self.reference, self.trie, histories,
-                              torch.tensor(targets, device=self.device), self.sids_table, self.quality, self.cfg, gen,
-                              self.intents)
+        batch = make_rollouts(s.policy, s.reference, s.trie, histories, torch.tensor(targets, device=self.device),
+                              s.sids_table, s.quality, self.cfg, gen, s.intents)
         return RolloutBatch(batch.histories, *(getattr(batch, f).cpu() for f in
                                                ("items", "sids", "advantages", "old_logp", "ref_logp")), batch.stats)
 
@@ -310,7 +324,6 @@ def _train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from digr.sft import _cpu_state, validate
-    from digr.trie import SidTrie
 
     cfg: GRPOConfig = config["cfg"]
     data = ray.get(config["data"])
@@ -319,14 +332,9 @@ def _train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    vocab, model_cfg = data["vocab"], data["model_config"]
-    state_dict = {k: torch.as_tensor(np.array(v)) for k, v in data["sft_state"].items()}
-    policy = SidRecommender.from_state(vocab, model_cfg, state_dict).to(device)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    sids_table = torch.from_numpy(np.array(data["sids"])).to(device)
-    quality = torch.from_numpy(np.array(data["quality"])).to(device)
-    intents = _intents(data, device)
-    trie = SidTrie.from_codes(np.array(data["sids"]), vocab).to(device)
+    scoring = Scoring.build(data, device)
+    policy, reference, trie = scoring.policy, scoring.reference, scoring.trie
+    sids_table, quality, intents = scoring.sids_table, scoring.quality, scoring.intents
     train: Examples = data["train"]
     state, saved, best_state = GRPOState(), None, None
 

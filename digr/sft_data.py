@@ -181,7 +181,9 @@ def target_weights(targets: np.ndarray, n_items: int, power: float) -> torch.Ten
     [0.8333333134651184, 1.6666666269302368, 1.0]
     """
     counts = np.bincount(targets, minlength=n_items).astype(np.float64)
-    w = np.where(counts > 0, np.maximum(counts, 1.0) ** -power, 1.0)
-    w /= (w[targets].mean() if len(targets) else 1.0)
-    w[counts == 0] = 1.0  # never a training target: no example carries it
+    w = np.ones(n_items)  # an item never a training target keeps 1: no example carries it
+    seen = counts > 0
+    w[seen] = counts[seen] ** -power
+    if len(targets):
+        w[seen] /= w[targets].mean()
     return torch.from_numpy(w.astype(np.float32))
