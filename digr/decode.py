@@ -354,3 +354,70 @@ def constrained_logprobs(
     if bool((nodes < 0).any()):
         raise ValueError("constrained_logprobs: some sids are not valid SIDs of this trie")
     return torch.stack(out, dim=-1).view(b, g, length)
+
+
+def sid_logprobs(model: SidRecommender, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 items: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced log p(SID of item | history) over the full vocabulary, the score
+    `beam_search` gives a finished beam. input_ids, attention_mask: (B, T) from `model.batch`;
+    items: (B, C) item_idx (-1 allowed: scored as item 0, mask it yourself). Returns (B, C) float32."""
+    t5 = model.t5
+    b, c = items.shape
+    enc = t5.encoder(**model.encoder_kwargs(input_ids, attention_mask), attention_mask=attention_mask)
+    tokens = model.sid_tokens[items.clamp(min=0).view(-1)]  # (B*C, sid_len)
+    decoder_in = torch.cat([torch.full_like(tokens[:, :1], PAD), tokens[:, :-1]], dim=1)
+    logits = t5(encoder_outputs=BaseModelOutput(last_hidden_state=enc.last_hidden_state.repeat_interleave(c, dim=0)),
+                attention_mask=attention_mask.repeat_interleave(c, dim=0), decoder_input_ids=decoder_in).logits
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(2, tokens.unsqueeze(-1)).squeeze(-1)  # (B*C, sid_len)
+    return logp.sum(dim=1).view(b, c)
+
+
+@torch.no_grad()
+def hybrid_recommend(
+    model: SidRecommender,
+    trie: SidTrie,
+    histories: list[list[int]],
+    max_history: int,
+    dense_weight: float,
+    beam_size: int = 20,
+    top_k: int = 10,
+    exclude: torch.Tensor | None = None,
+) -> BeamOutput:
+    """Generative + dense retrieval, re-ranked (LIGER, Yang et al. 2024, without its cold-start set).
+
+    Candidates: the `beam_size` best SIDs of the constrained beam search and the `beam_size`
+    best items of the dense head (`SidRecommender.dense_logits`), both without excluded items.
+    Each is scored (1 - dense_weight) * log p_gen(SID | history) + dense_weight * log p_dense(item
+    | history) (teacher-forced generative log-prob, so items found only by the dense head get
+    their exact generative score) and the best `top_k` distinct items are returned.
+    dense_weight 0 ranks by the generative score alone over the union; exclude: (B, N_items) bool.
+    Returns BeamOutput with scores = the fused score and sids = the items' codes.
+    """
+    if not 0 <= dense_weight <= 1:
+        raise ValueError(f"dense_weight must be in [0, 1], got {dense_weight}")
+    device = model.t5.lm_head.weight.device
+    gen = recommend(model, trie, histories, max_history, beam_size=beam_size, top_k=beam_size, exclude=exclude)
+    input_ids, mask = (t.to(device) for t in model.batch(histories, max_history))
+    was_training = model.training
+    model.eval()
+    try:
+        dense = torch.log_softmax(model.dense_logits(model.dense_query(input_ids, mask)).float(), dim=-1)  # (B, N)
+        if exclude is not None:
+            dense = dense.masked_fill(exclude.to(device), float("-inf"))
+        found = dense.topk(min(beam_size, dense.shape[1]), dim=1)
+        cand = torch.cat([gen.items, found.indices.masked_fill(torch.isinf(found.values), -1)], dim=1)  # (B, C)
+        # Keep each item's first occurrence in the row (the beam's, when both found it).
+        b, c = cand.shape
+        pos = torch.arange(c, device=device).expand(b, c)
+        first = torch.full((b, model.n_items + 1), c, dtype=torch.long, device=device)
+        first = first.scatter_reduce(1, cand + 1, pos, reduce="amin")  # column 0 collects the -1s
+        keep = (cand >= 0) & (first.gather(1, cand + 1) == pos)
+        fused = (1 - dense_weight) * sid_logprobs(model, input_ids, mask, cand) \
+            + dense_weight * dense.gather(1, cand.clamp(min=0))
+        fused = fused.masked_fill(~keep, float("-inf"))
+    finally:
+        model.train(was_training)
+    scores, order = fused.topk(top_k, dim=1)
+    items = cand.gather(1, order).masked_fill(torch.isinf(scores), -1)
+    sids = model.vocab.decode(model.sid_tokens[items.clamp(min=0)]).masked_fill((items < 0).unsqueeze(-1), -1)
+    return BeamOutput(items=items, scores=scores, sids=sids)

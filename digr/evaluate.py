@@ -29,6 +29,9 @@ class EvalConfig:
     ks: tuple[int, ...] = (5, 10)
     batch_size: int = 64            # histories per beam-search call
     exclude_seen: bool = True       # never recommend an item already in the history (all models alike)
+    # > 0: rank the beam's and the dense head's candidates by (1 - w) log p_gen + w log p_dense
+    # (`decode.hybrid_recommend`); needs a model trained with sft.dense_weight > 0. 0 = beam search only.
+    dense_weight: float = 0.0
     concurrency: int = 1            # ranker actors
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
@@ -38,6 +41,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.top_k < max(self.ks) or self.beam_size < self.top_k:
             raise ValueError(f"evaluate: need beam_size >= top_k >= max(ks), got {self.beam_size}, {self.top_k}, {self.ks}")
+        if not 0 <= self.dense_weight <= 1:
+            raise ValueError(f"evaluate.dense_weight must be in [0, 1], got {self.dense_weight}")
         unknown = set(self.baselines) - set(BASELINES)
         if unknown:
             raise ValueError(f"evaluate.baselines: unknown {sorted(unknown)}; known: {BASELINES}")
@@ -47,7 +52,7 @@ class GenerativeRanker:
     """Ray Data UDF: {"history", "seen"} rows -> {"ranked": (B, top_k) item_idx} by constrained beam search."""
 
     def __init__(self, model_dir: str, trie_uri: str, beam_size: int, top_k: int, exclude_seen: bool,
-                 max_history: int, threads: int = 0) -> None:
+                 max_history: int, threads: int = 0, dense_weight: float = 0.0) -> None:
         from digr import storage
         from digr.sft import load_model
         from digr.trie import SidTrie
@@ -59,16 +64,21 @@ class GenerativeRanker:
         self.trie = SidTrie.from_bytes(storage.read_bytes(trie_uri)).to(self.device)
         self.n_items = self.model.n_items
         self.beam_size, self.top_k, self.exclude_seen, self.max_history = beam_size, top_k, exclude_seen, max_history
+        self.dense_weight = dense_weight
 
     def rank(self, histories: list[list[int]], seen: list[list[int]] | None = None) -> np.ndarray:
         """histories: B item_idx lists (oldest first) -> (B, top_k) int64 item_idx, EMPTY-padded."""
-        from digr.decode import recommend
+        from digr.decode import hybrid_recommend, recommend
 
         exclude = None
         if self.exclude_seen:
             exclude = torch.from_numpy(seen_mask(seen if seen is not None else histories, self.n_items)).to(self.device)
-        out = recommend(self.model, self.trie, histories, self.max_history, beam_size=self.beam_size,
-                        top_k=self.top_k, exclude=exclude)
+        if self.dense_weight:
+            out = hybrid_recommend(self.model, self.trie, histories, self.max_history, self.dense_weight,
+                                   beam_size=self.beam_size, top_k=self.top_k, exclude=exclude)
+        else:
+            out = recommend(self.model, self.trie, histories, self.max_history, beam_size=self.beam_size,
+                            top_k=self.top_k, exclude=exclude)
         return out.items.cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -72,6 +72,9 @@ def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",
     """Run every stage up to and including `until` in run directory `output` (local or s3://)."""
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}; stages are {', '.join(STAGES)}")
+    if cfg.evaluate.dense_weight and not cfg.sft.dense_weight:  # checked before hours of training, not after
+        raise ValueError(f"evaluate.dense_weight={cfg.evaluate.dense_weight} ranks with the dense head, "
+                         "which only a model trained with sft.dense_weight > 0 has")
     from digr import stages
 
     init_ray(cfg.ray)

@@ -196,14 +196,51 @@ class SidRecommender(torch.nn.Module):
             x = x + self.content(self.features[input_ids])
         return {"inputs_embeds": x * attention_mask.unsqueeze(-1).to(x.dtype)}
 
+    def item_vectors(self) -> torch.Tensor:
+        """(N_items, d_model): every item as the encoder reads it (its SID tokens' embeddings,
+        plus its learned embedding and projected content vector where the model has them);
+        the item side of the dense head (`dense_logits`)."""
+        x = self.t5.shared(self.sid_tokens).sum(dim=-2)
+        if self.item is not None:
+            x = x + self.item.weight
+        if self.content is not None:
+            x = x + self.content(self.features)
+        return x
+
+    def dense_logits(self, query: torch.Tensor) -> torch.Tensor:
+        """query: (B, d_model) the decoder's output at its start position -> (B, N_items) logits
+        of the next item, query . item_vectors / sqrt(d_model) (LIGER-style dense retrieval next to
+        the generative head; no parameters of its own)."""
+        return query @ self.item_vectors().T * self.cfg.d_model**-0.5
+
+    def dense_query(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) histories -> (B, d_model) decoder output at the start position (before lm_head)."""
+        t5 = self.t5
+        enc = t5.encoder(**self.encoder_kwargs(input_ids, attention_mask), attention_mask=attention_mask)
+        start = torch.full((input_ids.shape[0], 1), PAD, dtype=torch.long, device=input_ids.device)
+        dec = t5.decoder(input_ids=start, encoder_hidden_states=enc.last_hidden_state,
+                         encoder_attention_mask=attention_mask)
+        return dec.last_hidden_state[:, 0]
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                weights: torch.Tensor | None = None) -> torch.Tensor:
+                weights: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                dense_weight: float = 0.0) -> torch.Tensor:
         """Mean cross-entropy of the (B, sid_len) target tokens; T5 shifts labels right, starting from PAD.
-        weights: (B,) per-example weights -> the weighted mean of the examples' mean token losses."""
-        out = self.t5(**self.encoder_kwargs(input_ids, attention_mask), attention_mask=attention_mask, labels=labels)
+        weights: (B,) per-example weights -> the weighted mean of the examples' mean token losses.
+        dense_weight > 0 adds that times the dense head's cross-entropy over all items for
+        targets (B,) item_idx (same per-example weights)."""
+        t5 = self.t5
+        enc = t5.encoder(**self.encoder_kwargs(input_ids, attention_mask), attention_mask=attention_mask)
+        dec = t5.decoder(input_ids=t5._shift_right(labels), encoder_hidden_states=enc.last_hidden_state,
+                         encoder_attention_mask=attention_mask).last_hidden_state  # (B, sid_len, d)
+        out = dec * t5.model_dim**-0.5 if t5.config.scale_decoder_outputs else dec
+        per_row = F.cross_entropy(t5.lm_head(out).transpose(1, 2), labels, reduction="none").mean(dim=1)  # (B,)
+        if dense_weight:
+            if targets is None:
+                raise ValueError("dense_weight > 0 needs targets (B,) item_idx")
+            per_row = per_row + dense_weight * F.cross_entropy(self.dense_logits(dec[:, 0]), targets, reduction="none")
         if weights is None:
-            return out.loss
-        per_row = F.cross_entropy(out.logits.transpose(1, 2), labels, reduction="none").mean(dim=1)  # (B,)
+            return per_row.mean()
         return (per_row * weights).sum() / weights.sum()
 
     @torch.no_grad()

@@ -54,6 +54,10 @@ class SFTConfig:
     # Loss weight of an example = count(its target among training targets)^-power, mean 1
     # (`sft_data.target_weights`); 0 = plain mean. Raises rarely-seen targets against popular ones.
     target_weight_power: float = 0.0
+    # LIGER-style dense head (Yang et al. 2024): adds dense_weight x the cross-entropy over all
+    # items of the decoder's start-position output against every item's input vector
+    # (`SidRecommender.dense_logits`); 0 = generative loss only. Ranking with it: evaluate.dense_weight.
+    dense_weight: float = 0.0
     eval_every: int = 1  # epochs between validations (the last epoch always validates)
     patience: int = 5  # validations without a better valid NDCG@10 before stopping
     valid_users: int = 2000  # validate on at most this many valid rows (seeded subset)
@@ -68,7 +72,8 @@ class SFTConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"sft.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "max_train_examples_per_user", "threads_per_worker", "target_weight_power"):
+        for name in ("warmup_steps", "max_train_examples_per_user", "threads_per_worker", "target_weight_power",
+                     "dense_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"sft.{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -98,10 +103,12 @@ class SFTResult:
 # ---------------------------------------------------------------- pure pieces
 
 
-def sft_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def sft_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], dense_weight: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy over the batch's (B, sid_len) target tokens (`SidRecommender.forward`,
-    possibly DDP-wrapped), weighted per example when the batch has "weights" (B,)."""
-    return model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("weights"))
+    possibly DDP-wrapped), weighted per example when the batch has "weights" (B,), plus
+    dense_weight x the dense head's item cross-entropy."""
+    return model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("weights"),
+                 batch["targets"], dense_weight)
 
 
 def seen_items(histories: list[list[int]], n_items: int) -> torch.Tensor:
@@ -121,8 +128,10 @@ def validate(
     beam_size: int,
     exclude_seen: bool,
     device: torch.device | str = "cpu",
+    dense_weight: float = 0.0,
 ) -> dict[str, float]:
-    """Teacher-forced loss and beam-search HR@10 / NDCG@10 on `valid` rows.
+    """Teacher-forced loss (the training loss, dense term included) and beam-search HR@10 /
+    NDCG@10 on `valid` rows.
 
     Returns {"loss", "hr@10", "ndcg@10"}.
     """
@@ -138,7 +147,7 @@ def validate(
     for start in range(0, len(dataset), _VALID_BATCH):
         rows = [dataset[i] for i in range(start, min(start + _VALID_BATCH, len(dataset)))]
         batch = {k: v.to(device) for k, v in collate(rows).items()}
-        loss_sum += float(sft_step(model, batch)) * len(rows)
+        loss_sum += float(sft_step(model, batch, dense_weight)) * len(rows)
         # Seen items come from the kept history: the same input the model saw.
         exclude = seen_items([h[-max_history:] for h, _ in rows], sid_tokens.shape[0]) if exclude_seen else None
         out = recommend(model, trie, [h for h, _ in rows], max_history, beam_size=beam_size, top_k=10,
@@ -278,7 +287,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * rows, rows)
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = sft_step(model, batch)
+            loss = sft_step(model, batch, cfg.dense_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -293,7 +302,8 @@ def _train_loop(config: dict[str, Any]) -> None:
                                "valid_loss": None, "valid_ndcg@10": None, "valid_hr@10": None}
         stop = False
         if rank == 0 and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-            v = validate(plain, trie, data["valid"], cfg.max_history, cfg.valid_beam, cfg.valid_exclude_seen, device)
+            v = validate(plain, trie, data["valid"], cfg.max_history, cfg.valid_beam, cfg.valid_exclude_seen, device,
+                         cfg.dense_weight)
             row.update({"valid_loss": v["loss"], "valid_ndcg@10": v["ndcg@10"], "valid_hr@10": v["hr@10"]})
             if track_best(state, v["ndcg@10"], epoch):
                 best_state = _cpu_state(plain)

@@ -171,7 +171,7 @@ def evaluate_stage(cfg: EvalConfig, ingest_dir: str, tokenize_dir: str, sft_dir:
     sasrec = start_sasrec(rows, seqs, n_items, cfg) if "sasrec" in cfg.baselines else None
     ranker = {"model_dir": storage.join(sft_dir, "model"), "trie_uri": storage.join(tokenize_dir, "trie.npz"),
               "beam_size": cfg.beam_size, "top_k": cfg.top_k, "exclude_seen": cfg.exclude_seen,
-              "max_history": max_history}
+              "max_history": max_history, "dense_weight": cfg.dense_weight}
     ranked = {"generative": rank_generative(rows, ranker, cfg)}
     if grpo_dir is not None:
         ranked["generative_grpo"] = rank_generative(rows, {**ranker, "model_dir": storage.join(grpo_dir, "model")}, cfg)

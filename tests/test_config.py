@@ -57,3 +57,14 @@ def test_config_hash_changes_with_any_field() -> None:
     b = load(PipelineConfig, None, ["sft.lr=0.002"])
     assert config_hash(a) == config_hash(load(PipelineConfig))
     assert config_hash(a) != config_hash(b)
+
+
+def test_hybrid_ranking_without_a_trained_dense_head_fails_before_any_stage(tmp_path) -> None:
+    from digr.pipeline import run_pipeline
+
+    cfg = load(PipelineConfig, None, ["evaluate.dense_weight=0.5"])
+    with pytest.raises(ValueError, match="sft.dense_weight > 0"):
+        run_pipeline(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="dense_weight"):
+        load(PipelineConfig, None, ["evaluate.dense_weight=2"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from digr.decode import beam_search, recommend
+from digr.decode import beam_search, hybrid_recommend, recommend, sid_logprobs
 from digr.seqmodel import PAD, ModelConfig, SidRecommender, SidVocab, item_histories
 from digr.trie import SidTrie
 
@@ -102,3 +102,57 @@ def test_recommend_matches_hf_generate_on_inputs_embeds(model) -> None:
     # And through beam_search directly with the same inputs_embeds.
     direct = beam_search(model.t5, trie, VOCAB, ids, mask, beam_size=2, top_k=2, inputs_embeds=emb)
     assert torch.equal(direct.items, got.items)
+
+
+def test_forward_loss_is_hf_loss_plus_the_dense_term_by_hand(model) -> None:
+    ids, mask = model.batch(HISTORIES, max_items=10)
+    targets = torch.tensor([2, 0, 4])
+    labels = model.sid_tokens[targets]
+    emb = model.encoder_kwargs(ids, mask)["inputs_embeds"]
+    hf = model.t5(inputs_embeds=emb, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(model(ids, mask, labels), hf)
+    # Dense head by hand: the start-position query against every item as the encoder reads it.
+    query = model.dense_query(ids, mask)  # (B, d)
+    items = model.encoder_kwargs(torch.arange(len(CODES))[None], torch.ones(1, len(CODES), dtype=torch.long))
+    logits = query @ items["inputs_embeds"][0].T / TINY.d_model**0.5  # (B, N_items)
+    dense = torch.nn.functional.cross_entropy(logits, targets)
+    torch.testing.assert_close(model(ids, mask, labels, targets=targets, dense_weight=0.5), hf + 0.5 * dense)
+    with pytest.raises(ValueError, match="needs targets"):
+        model(ids, mask, labels, dense_weight=0.5)
+
+
+def test_sid_logprobs_are_the_beam_scores(model) -> None:
+    trie = SidTrie.from_codes(CODES, VOCAB)
+    got = recommend(model, trie, HISTORIES, max_history=10, beam_size=5, top_k=4)
+    ids, mask = model.batch(HISTORIES, max_items=10)
+    torch.testing.assert_close(sid_logprobs(model, ids, mask, got.items), got.scores, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_hybrid_equals_brute_force_fusion_and_excludes(model) -> None:
+    """Beam 5 = the whole catalogue, so the candidates are every item and the hybrid's ranking
+    must be the fused score's exhaustive sort; seen items never come back."""
+    trie = SidTrie.from_codes(CODES, VOCAB)
+    ids, mask = model.batch(HISTORIES, max_items=10)
+    gen = brute_force(model, HISTORIES)  # (B, N)
+    dense = torch.log_softmax(model.dense_logits(model.dense_query(ids, mask)), dim=-1)
+    exclude = torch.zeros(len(HISTORIES), len(CODES), dtype=torch.bool)
+    exclude[0, 3] = exclude[2, [0, 1]] = True
+    for weight in (0.0, 0.3, 1.0):
+        fused = ((1 - weight) * gen + weight * dense).masked_fill(exclude, float("-inf"))
+        want_scores, want_items = fused.sort(dim=1, descending=True)
+        got = hybrid_recommend(model, trie, HISTORIES, 10, weight, beam_size=5, top_k=3, exclude=exclude)
+        assert got.items.tolist() == want_items[:, :3].tolist(), weight
+        torch.testing.assert_close(got.scores, want_scores[:, :3], atol=1e-4, rtol=0)
+        assert torch.equal(got.sids, CODES[got.items])
+    # Fewer allowed items than top_k: -1 padding, never an excluded or repeated item.
+    exclude[2] = True
+    exclude[2, 4] = False
+    got = hybrid_recommend(model, trie, HISTORIES, 10, 0.5, beam_size=5, top_k=3, exclude=exclude)
+    assert got.items[2].tolist() == [4, -1, -1]
+    assert got.sids[2, 1].tolist() == [-1] * VOCAB.sid_len
+    for row in got.items.tolist():
+        kept = [i for i in row if i >= 0]
+        assert len(kept) == len(set(kept))
+    with pytest.raises(ValueError, match="dense_weight"):
+        hybrid_recommend(model, trie, HISTORIES, 10, 1.5)
