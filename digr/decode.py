@@ -321,6 +321,20 @@ def sample(
     return SampleOutput(items=nodes.view(b, g), sids=torch.stack(codes, dim=-1).view(b, g, vocab.sid_len))
 
 
+def _teacher_forced_logits(model: SidRecommender, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           tokens: torch.Tensor) -> torch.Tensor:
+    """Decoder logits (B*G, L, V) for G token sequences (B, G, L) per history, fed shifted right
+    from PAD; the encoder runs once per history and its output is shared by the G sequences."""
+    t5 = model.t5
+    b, g, length = tokens.shape
+    enc = t5.encoder(**model.encoder_kwargs(input_ids, attention_mask), attention_mask=attention_mask)
+    hidden = enc.last_hidden_state.repeat_interleave(g, dim=0)  # (B*G, S, d)
+    flat = tokens.reshape(b * g, length)
+    decoder_in = torch.cat([torch.full_like(flat[:, :1], PAD), flat[:, :-1]], dim=1)
+    return t5(encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+              attention_mask=attention_mask.repeat_interleave(g, dim=0), decoder_input_ids=decoder_in).logits
+
+
 def constrained_logprobs(
     model: SidRecommender,
     trie: SidTrie,
@@ -335,15 +349,10 @@ def constrained_logprobs(
     SIDs. The encoder runs once per history; its output is shared by the G sequences.
     Returns (B, G, sid_len) float32: log p(code_l | history, codes_<l).
     """
-    t5, vocab = model.t5, model.vocab
+    vocab = model.vocab
     b, g, length = sids.shape
-    enc = t5.encoder(**model.encoder_kwargs(input_ids, attention_mask), attention_mask=attention_mask)
-    hidden = enc.last_hidden_state.repeat_interleave(g, dim=0)  # (B*G, S, d)
     flat = sids.reshape(b * g, length)
-    tokens = vocab.encode(flat)
-    decoder_in = torch.cat([torch.full_like(tokens[:, :1], PAD), tokens[:, :-1]], dim=1)
-    logits = t5(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=attention_mask.repeat_interleave(g, dim=0),
-                decoder_input_ids=decoder_in).logits  # (B*G, L, V)
+    logits = _teacher_forced_logits(model, input_ids, attention_mask, vocab.encode(sids))  # (B*G, L, V)
     out = []
     nodes = torch.zeros(b * g, dtype=torch.long, device=sids.device)
     for level in range(length):
@@ -361,14 +370,10 @@ def sid_logprobs(model: SidRecommender, input_ids: torch.Tensor, attention_mask:
     """Teacher-forced log p(SID of item | history) over the full vocabulary, the score
     `beam_search` gives a finished beam. input_ids, attention_mask: (B, T) from `model.batch`;
     items: (B, C) item_idx (-1 allowed: scored as item 0, mask it yourself). Returns (B, C) float32."""
-    t5 = model.t5
     b, c = items.shape
-    enc = t5.encoder(**model.encoder_kwargs(input_ids, attention_mask), attention_mask=attention_mask)
-    tokens = model.sid_tokens[items.clamp(min=0).view(-1)]  # (B*C, sid_len)
-    decoder_in = torch.cat([torch.full_like(tokens[:, :1], PAD), tokens[:, :-1]], dim=1)
-    logits = t5(encoder_outputs=BaseModelOutput(last_hidden_state=enc.last_hidden_state.repeat_interleave(c, dim=0)),
-                attention_mask=attention_mask.repeat_interleave(c, dim=0), decoder_input_ids=decoder_in).logits
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(2, tokens.unsqueeze(-1)).squeeze(-1)  # (B*C, sid_len)
+    tokens = model.sid_tokens[items.clamp(min=0)]  # (B, C, sid_len)
+    logits = _teacher_forced_logits(model, input_ids, attention_mask, tokens)  # (B*C, sid_len, V)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(2, tokens.view(b * c, -1, 1)).squeeze(-1)
     return logp.sum(dim=1).view(b, c)
 
 

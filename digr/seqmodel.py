@@ -189,22 +189,21 @@ class SidRecommender(torch.nn.Module):
         """{"input_ids"} for "sid_tokens"; {"inputs_embeds": (B, L, d_model)} for "items"."""
         if self.cfg.encoder_input != "items":
             return {"input_ids": input_ids}
-        x = self.t5.shared(self.sid_tokens[input_ids]).sum(dim=-2)  # (B, L, sid_len, d) -> (B, L, d)
-        if self.item is not None:
-            x = x + self.item(input_ids)
-        if self.content is not None:
-            x = x + self.content(self.features[input_ids])
+        x = self.item_vectors(input_ids)  # (B, L, d)
         return {"inputs_embeds": x * attention_mask.unsqueeze(-1).to(x.dtype)}
 
-    def item_vectors(self) -> torch.Tensor:
-        """(N_items, d_model): every item as the encoder reads it (its SID tokens' embeddings,
-        plus its learned embedding and projected content vector where the model has them);
-        the item side of the dense head (`dense_logits`)."""
-        x = self.t5.shared(self.sid_tokens).sum(dim=-2)
+    def item_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., d_model) items as the encoder reads them: the sum of their SID tokens'
+        embeddings, plus the learned item embedding and the projected content vector where the
+        model has them. ids: item_idx of any shape; None = every item, (N_items, d_model), the
+        item side of the dense head (`dense_logits`)."""
+        if ids is None:
+            ids = torch.arange(self.n_items, device=self.sid_tokens.device)
+        x = self.t5.shared(self.sid_tokens[ids]).sum(dim=-2)  # (..., sid_len, d) -> (..., d)
         if self.item is not None:
-            x = x + self.item.weight
+            x = x + self.item(ids)
         if self.content is not None:
-            x = x + self.content(self.features)
+            x = x + self.content(self.features[ids])
         return x
 
     def dense_logits(self, query: torch.Tensor) -> torch.Tensor:
