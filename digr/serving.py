@@ -303,6 +303,10 @@ class FrozenTokenizer:
         if self.embed_cfg.evidence:
             raise ValueError(f"new items: the run embeds evidence {list(self.embed_cfg.evidence)}, which new items do "
                              "not have yet (mine them first); only text-only runs can add items at serving time")
+        if config.get("tokenize", {}).get("labels", "residual") != "residual":
+            raise ValueError("new items: the run's SIDs use tokenize.labels="
+                             f"{config['tokenize']['labels']!r}, where a new item's prefix has no token in the "
+                             "trained vocabulary; only runs with tokenize.labels=residual can add items at serving time")
         rq_cfg = from_dict(RQVAEConfig, config.get("tokenize", {}).get("rqvae", {}))
         state = torch.load(io.BytesIO(storage.read_bytes(storage.join(run_dir, "tokenize", "rqvae.pt"))),
                            map_location="cpu")

@@ -47,6 +47,31 @@ def add_collision_suffix(codes: np.ndarray) -> np.ndarray:
     return np.concatenate([codes.astype(np.int64), suffix[:, None]], axis=1)
 
 
+def prefix_labels(sids: np.ndarray) -> tuple[np.ndarray, int]:
+    """sids: (N, L + 1) codes + suffix -> (labels (N, L + 1) int64, codebook_size): every RQ
+    level after the first relabelled so that its code names the whole prefix, not a residual.
+
+    Level 0 and the suffix keep their codes. At level l >= 1 an item's label is the rank of its
+    prefix (codes 0..l) among the distinct prefixes of that length, so two items share a level-l
+    token only if they share the prefix: the tree (and hence the trie) is unchanged, but no
+    token stands for unrelated items under different parents any more, and a rarely-seen
+    item's deep tokens are its own. codebook_size = the largest label + 1 over the RQ levels
+    (at least level 0's largest code + 1): every level gets that many token slots.
+
+    E.g. [[1,2,0],[3,2,0],[1,2,1]] -> [[1,0,0],[3,1,0],[1,0,1]], codebook_size 4: code 2
+    under parents 1 and 3 becomes labels 0 and 1.
+    """
+    sids = _check_codes(sids, "sids")
+    if sids.shape[1] < 2:
+        raise ValueError(f"sids must be (N, levels + 1) with the suffix last, got shape {sids.shape}")
+    out = sids.astype(np.int64).copy()
+    for level in range(1, sids.shape[1] - 1):
+        _, rank = np.unique(sids[:, : level + 1], axis=0, return_inverse=True)
+        out[:, level] = rank.reshape(-1)
+    levels = out[:, :-1]
+    return out, int(levels.max()) + 1
+
+
 def collision_rate(codes: np.ndarray) -> float:
     """Fraction of items whose L-tuple (before the suffix) is shared with another item."""
     inverse, counts = _groups(_check_codes(codes))

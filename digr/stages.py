@@ -5,7 +5,8 @@ Artifacts (every path relative to the run directory; local or s3://):
 - embed/    embeddings/*.parquet: item_idx int32, embedding list<float32>; with evidence also
             items_evidence.parquet (items + caption / intents text), content/, interest/
 - tokenize/ sids.parquet (item_idx, sid list<int32>), rqvae.pt (state dict), trie.npz, tokenizer.json
-            (stats: collision rate before the suffix, usage per level, codebook_version; loss history)
+            (stats: collision rate before the suffix, usage per level, codebook_version; loss history;
+            labels and the SIDs' codebook_size, > the RQ-VAE's rqvae_codebook_size with labels=prefix)
 - sft/      model/ (transformers directory + vocab), history.json, ray/ (Ray Train checkpoints)
 - grpo/     model/ (same layout as sft/model), history.json (per step: loss, rewards, kl, valid NDCG@10), ray/
 - evaluate/ predictions_<model>.jsonl (top-K per user, source ids, for ../shared/tools/score.py), metrics.json
@@ -28,7 +29,7 @@ from digr.metrics import EMPTY, write_predictions
 from digr.grpo import GRPOConfig
 from digr.sft import SFTConfig, load_model, run_sft, save_model, uses_features
 from digr.sft_data import vocab_for
-from digr.sids import sid_table
+from digr.sids import prefix_labels, sid_table
 from digr.tokenize import TokenizeConfig, run_tokenize
 from digr.trie import SidTrie
 
@@ -103,15 +104,19 @@ def tokenize_stage(cfg: TokenizeConfig, embed_dir: str, out: str, image_dim: int
     """image_dim: the embed stage's image block width (its stats), 0 when it packed no image."""
     emb = load_embeddings(storage.join(embed_dir, "embeddings"))
     res = run_tokenize(emb, cfg, storage_dir=storage.join(out, "ray"), image_dim=image_dim)
-    storage.write_table(storage.join(out, "sids.parquet"), sid_table(res.sids))
     buf = io.BytesIO()
     torch.save(res.model_state, buf)
     storage.write_bytes(storage.join(out, "rqvae.pt"), buf.getvalue())
-    vocab = vocab_for(res.sids, cfg.rqvae.codebook_size)
-    storage.write_bytes(storage.join(out, "trie.npz"), SidTrie.from_codes(res.sids, vocab).to_bytes())
+    sids, codebook_size = res.sids, cfg.rqvae.codebook_size
+    if cfg.labels == "prefix":
+        sids, codebook_size = prefix_labels(res.sids)
+    storage.write_table(storage.join(out, "sids.parquet"), sid_table(sids))
+    vocab = vocab_for(sids, codebook_size)
+    storage.write_bytes(storage.join(out, "trie.npz"), SidTrie.from_codes(sids, vocab).to_bytes())
     stats = {k: v for k, v in res.stats.items()}
     storage.write_json(storage.join(out, "tokenizer.json"), {
-        "levels": cfg.rqvae.levels, "codebook_size": cfg.rqvae.codebook_size, "image_dim": image_dim,
+        "levels": cfg.rqvae.levels, "codebook_size": codebook_size, "labels": cfg.labels,
+        "rqvae_codebook_size": cfg.rqvae.codebook_size, "image_dim": image_dim,
         "stats": stats, "history": res.history,
     })
     return {"rows": {"items": int(res.sids.shape[0])}, "stats": stats}

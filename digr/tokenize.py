@@ -24,6 +24,7 @@ from digr.scaling import ScalingConfig
 from digr.sids import add_collision_suffix, codebook_usage, codebook_version, collision_rate
 
 _MODEL = "rqvae.pt"
+LABELS = ("residual", "prefix")
 _META = "meta.json"
 
 
@@ -36,10 +37,17 @@ class TokenizeConfig:
     # 2.58 on 2 CPU cores (an RQ-VAE epoch takes ~0.4 s); the full per-epoch history
     # travels in the final checkpoint anyway.
     report_every: int = 10
+    # "residual": a SID's level-l code is the RQ-VAE's (TIGER). "prefix": every level after the
+    # first is relabelled by its whole prefix (`digr.sids.prefix_labels`): same tree, no token
+    # shared across parents, a vocabulary of about levels x N_items tokens. Items cannot be
+    # added at serving time with "prefix" (a new prefix has no token).
+    labels: str = "residual"
 
     def __post_init__(self) -> None:
         if self.report_every < 0:
             raise ValueError(f"TokenizeConfig.report_every must be >= 0, got {self.report_every}")
+        if self.labels not in LABELS:
+            raise ValueError(f"tokenize.labels must be one of {LABELS}, got {self.labels!r}")
 
 
 @dataclass

@@ -36,6 +36,20 @@ def test_changing_weights_moves_only_the_users_in_the_changed_interval() -> None
     assert unit_hash("s", "u1") != unit_hash("t", "u1")  # the salt reshuffles
 
 
+@pytest.mark.parametrize("config, match", [
+    ({"embed": {"evidence": ["intents"]}}, "only text-only runs"),
+    ({"tokenize": {"labels": "prefix"}}, "tokenize.labels='prefix'"),
+])
+def test_frozen_tokenizer_refuses_runs_it_cannot_extend(tmp_path, config: dict, match: str) -> None:
+    """New items need the run's text embedder and residual RQ-VAE codes; the refusal comes
+    before any model is loaded and says which setting stands in the way."""
+    from digr.serving import FrozenTokenizer
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"config": config}))
+    with pytest.raises(ValueError, match=match):
+        FrozenTokenizer(str(tmp_path))
+
+
 @pytest.mark.parametrize("body, status, field", [
     ([1, 2], 400, "body"),
     ({}, 400, "history"),

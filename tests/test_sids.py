@@ -12,6 +12,7 @@ from digr.sids import (
     codebook_usage,
     codebook_version,
     collision_rate,
+    prefix_labels,
     sid_table,
     sids_from_table,
 )
@@ -85,3 +86,30 @@ def test_codebook_version_stable_and_sensitive():
     assert codebook_version(state, other) != v
     with pytest.raises(ValueError, match="codebook"):
         codebook_version({"encoder.0.weight": torch.ones(2)}, sids)
+
+
+def test_prefix_labels_name_the_prefix_not_the_residual():
+    # Code 2 at level 1 sits under parents 1 and 3: two different prefixes, so two labels.
+    labels, size = prefix_labels(np.array([[1, 2, 0], [3, 2, 0], [1, 2, 1]]))
+    assert labels.tolist() == [[1, 0, 0], [3, 1, 0], [1, 0, 1]] and size == 4  # level 0 keeps code 3
+    # Three RQ levels: level 2's labels rank the distinct (c0, c1, c2) prefixes:
+    # (0,0,5) < (0,1,5) < (2,0,5), so items get 0, 1, 2 at level 2 even though all share code 5.
+    sids = np.array([[0, 0, 5, 0], [0, 1, 5, 0], [2, 0, 5, 0], [0, 0, 5, 1]])
+    labels, size = prefix_labels(sids)
+    assert labels.tolist() == [[0, 0, 0, 0], [0, 1, 1, 0], [2, 2, 2, 0], [0, 0, 0, 1]] and size == 3
+
+
+def test_prefix_labels_keep_the_tree():
+    """Two items share a length-k labelled prefix exactly when they share the length-k code prefix."""
+    codes = np.random.default_rng(0).integers(0, 4, size=(300, 3))
+    sids = add_collision_suffix(codes)
+    labels, size = prefix_labels(sids)
+    assert size == labels[:, :3].max() + 1 and labels[:, -1].tolist() == sids[:, -1].tolist()
+    for k in range(1, 5):
+        same_codes = (sids[:, None, :k] == sids[None, :, :k]).all(-1)
+        same_labels = (labels[:, None, :k] == labels[None, :, :k]).all(-1)
+        np.testing.assert_array_equal(same_codes, same_labels)
+    with pytest.raises(ValueError, match="suffix last"):
+        prefix_labels(np.array([[1], [2]]))
+    with pytest.raises(ValueError, match=">= 0"):
+        prefix_labels(np.array([[1, -1, 0]]))

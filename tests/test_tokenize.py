@@ -64,3 +64,33 @@ def test_run_tokenize_with_image_fusion(ray_local, tmp_path):
     assert res.model_state["fusion.vis.weight"].shape == (16, 5)
     assert res.model_state["fusion.fuse.weight"].shape == (16, 32)
     assert res.history[-1]["unique_sid_rate"] == pytest.approx(res.stats["unique_prefixes"] / 120)
+
+
+def test_tokenize_stage_prefix_labels(ray_local, tmp_path):
+    """tokenize.labels=prefix: the stage writes relabelled SIDs, a trie and a codebook size
+    that agree, so the sft stage's vocabulary (`vocab_for`) accepts them."""
+    import dataclasses
+
+    import pyarrow as pa
+
+    from digr import storage
+    from digr.sft_data import vocab_for
+    from digr.sids import prefix_labels
+    from digr.stages import load_sids, tokenize_stage
+    from digr.trie import SidTrie
+
+    emb = np.random.default_rng(1).normal(size=(150, 16)).astype(np.float32)
+    storage.write_table(str(tmp_path / "embed" / "embeddings" / "part-0.parquet"), pa.table({
+        "item_idx": pa.array(np.arange(150), pa.int32()), "embedding": pa.array(list(emb), pa.list_(pa.float32()))}))
+    cfg = dataclasses.replace(CFG, scaling=ScalingConfig(num_workers=1), report_every=0, labels="prefix")
+    tokenize_stage(cfg, str(tmp_path / "embed"), str(tmp_path / "tok"))
+    sids, size = load_sids(str(tmp_path / "tok"))
+    meta = storage.read_json(str(tmp_path / "tok" / "tokenizer.json"))
+    assert meta["labels"] == "prefix" and meta["rqvae_codebook_size"] == 8 and meta["codebook_size"] == size
+    assert size == sids[:, :3].max() + 1 and size > 8  # more distinct deep prefixes than codes
+    again, again_size = prefix_labels(sids)  # relabelling is idempotent: labels already name prefixes
+    assert np.array_equal(again, sids) and again_size == size
+    trie = SidTrie.from_bytes(storage.read_bytes(str(tmp_path / "tok" / "trie.npz")))
+    assert trie.vocab == vocab_for(sids, size) and trie.num_items == 150
+    with pytest.raises(ValueError, match="tokenize.labels must be one of"):
+        TokenizeConfig(labels="atomic")
