@@ -66,10 +66,8 @@ def prefix_labels(sids: np.ndarray) -> tuple[np.ndarray, int]:
         raise ValueError(f"sids must be (N, levels + 1) with the suffix last, got shape {sids.shape}")
     out = sids.astype(np.int64).copy()
     for level in range(1, sids.shape[1] - 1):
-        _, rank = np.unique(sids[:, : level + 1], axis=0, return_inverse=True)
-        out[:, level] = rank.reshape(-1)
-    levels = out[:, :-1]
-    return out, int(levels.max()) + 1
+        out[:, level] = _groups(sids[:, : level + 1])[0]  # group ids number the prefixes in sorted order
+    return out, int(out[:, :-1].max()) + 1
 
 
 def collision_rate(codes: np.ndarray) -> float:

@@ -29,7 +29,7 @@ from digr.metrics import EMPTY, write_predictions
 from digr.grpo import GRPOConfig
 from digr.sft import SFTConfig, load_model, run_sft, save_model, uses_features
 from digr.sft_data import vocab_for
-from digr.sids import prefix_labels, sid_table
+from digr.sids import sid_table
 from digr.tokenize import TokenizeConfig, run_tokenize
 from digr.trie import SidTrie
 
@@ -107,15 +107,12 @@ def tokenize_stage(cfg: TokenizeConfig, embed_dir: str, out: str, image_dim: int
     buf = io.BytesIO()
     torch.save(res.model_state, buf)
     storage.write_bytes(storage.join(out, "rqvae.pt"), buf.getvalue())
-    sids, codebook_size = res.sids, cfg.rqvae.codebook_size
-    if cfg.labels == "prefix":
-        sids, codebook_size = prefix_labels(res.sids)
-    storage.write_table(storage.join(out, "sids.parquet"), sid_table(sids))
-    vocab = vocab_for(sids, codebook_size)
-    storage.write_bytes(storage.join(out, "trie.npz"), SidTrie.from_codes(sids, vocab).to_bytes())
+    storage.write_table(storage.join(out, "sids.parquet"), sid_table(res.sids))
+    vocab = vocab_for(res.sids, res.codebook_size)
+    storage.write_bytes(storage.join(out, "trie.npz"), SidTrie.from_codes(res.sids, vocab).to_bytes())
     stats = {k: v for k, v in res.stats.items()}
     storage.write_json(storage.join(out, "tokenizer.json"), {
-        "levels": cfg.rqvae.levels, "codebook_size": codebook_size, "labels": cfg.labels,
+        "levels": cfg.rqvae.levels, "codebook_size": res.codebook_size, "labels": cfg.labels,
         "rqvae_codebook_size": cfg.rqvae.codebook_size, "image_dim": image_dim,
         "stats": stats, "history": res.history,
     })

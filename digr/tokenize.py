@@ -21,11 +21,11 @@ import torch
 from digr import storage
 from digr.rqvae import RQVAE, RQVAEConfig, check_embeddings, assign_codes, train_rqvae
 from digr.scaling import ScalingConfig
-from digr.sids import add_collision_suffix, codebook_usage, codebook_version, collision_rate
+from digr.sids import add_collision_suffix, codebook_usage, codebook_version, collision_rate, prefix_labels
 
 _MODEL = "rqvae.pt"
-LABELS = ("residual", "prefix")
 _META = "meta.json"
+LABELS = ("residual", "prefix")
 
 
 @dataclass(frozen=True)
@@ -52,12 +52,15 @@ class TokenizeConfig:
 
 @dataclass
 class TokenizeResult:
-    """sids: (N, levels + 1) int64, row = item_idx, last column the collision suffix;
-    model_state: the RQ-VAE state dict (CPU tensors); history: per-epoch metrics;
-    stats: collision_rate, usage_per_level, suffix_size, max_suffix, unique_sids, ...;
-    checkpoint_path: where Ray Train persisted the final checkpoint."""
+    """sids: (N, levels + 1) int64, row = item_idx, last column the collision suffix, labelled as
+    `TokenizeConfig.labels` says; codebook_size: the SIDs' codes per RQ level (the RQ-VAE's, or
+    more with labels="prefix"); model_state: the RQ-VAE state dict (CPU tensors); history:
+    per-epoch metrics; stats: collision_rate, usage_per_level, suffix_size, max_suffix,
+    unique_sids, codebook_version (of these SIDs), ...; checkpoint_path: where Ray Train
+    persisted the final checkpoint."""
 
     sids: np.ndarray
+    codebook_size: int
     model_state: dict[str, torch.Tensor]
     history: list[dict[str, Any]]
     stats: dict[str, Any]
@@ -164,9 +167,12 @@ def run_tokenize(emb: np.ndarray, cfg: TokenizeConfig, storage_dir: str, name: s
     model = RQVAE(meta["input_dim"], cfg.rqvae, meta.get("image_dim", 0))
     model.load_state_dict(state)
     codes = assign_codes(model, emb)
-    sids = add_collision_suffix(codes)
+    sids, codebook_size = add_collision_suffix(codes), cfg.rqvae.codebook_size
+    if cfg.labels == "prefix":
+        sids, codebook_size = prefix_labels(sids)
     return TokenizeResult(
         sids=sids,
+        codebook_size=codebook_size,
         model_state=state,
         history=meta["history"],
         stats=sid_stats(codes, sids, state, cfg.rqvae.codebook_size),
