@@ -202,6 +202,10 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str, cfg: RQVAEConfig) -> No
     try:
         model, hist = train_rqvae(_blobs(), cfg)
         torch.save({"state": model.state_dict(), "hist": hist}, f"{out_dir}/rank{rank}.pt")
+        # Both ranks leave together: a rank that tears gloo down while the other is still in
+        # its last collective made the other abort ("terminate called without an active
+        # exception", about 1 run in 6).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
