@@ -94,7 +94,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         import ray.train.torch  # CUDA only: imported where a GPU worker needs it
 
         device = ray.train.torch.get_device()
-    epochs = cfg.rqvae.epochs
+    epochs = 1 if cfg.rqvae.method == "rqkmeans" else cfg.rqvae.epochs  # residual k-means: one fit, one record
 
     def on_epoch(rec: dict[str, Any]) -> None:
         if rec["epoch"] == epochs or not cfg.report_every or rec["epoch"] % cfg.report_every:

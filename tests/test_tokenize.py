@@ -41,6 +41,21 @@ def test_run_tokenize_two_workers(ray_local, tmp_path):
     # run here would double this file's time).
 
 
+def test_run_tokenize_rqkmeans(ray_local, tmp_path):
+    # Residual k-means through the same stage: codebooks in the embedding space (no encoder),
+    # one history record, and the driver's codes from the checkpoint match the worker's fit.
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, rqvae=RQVAEConfig(method="rqkmeans", levels=3, codebook_size=8, kmeans_iters=5),
+                              scaling=ScalingConfig(num_workers=1))
+    emb = np.random.default_rng(0).normal(size=(200, 16)).astype(np.float32)
+    res = run_tokenize(emb, cfg, storage_dir=str(tmp_path))
+    assert res.model_state["codebooks"].shape == (3, 8, 16)
+    assert [h["epoch"] for h in res.history] == [1]
+    assert res.history[0]["unique_sid_rate"] == pytest.approx(res.stats["unique_prefixes"] / 200)
+    assert len(np.unique(res.sids, axis=0)) == 200 and res.sids[:, :3].max() < 8
+
+
 def test_run_tokenize_rejects_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         run_tokenize(np.full((4, 2), np.nan, dtype=np.float32), CFG, storage_dir="/tmp/unused")
