@@ -75,6 +75,9 @@ def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",
     if cfg.evaluate.dense_weight and not cfg.sft.dense_weight:  # checked before hours of training, not after
         raise ValueError(f"evaluate.dense_weight={cfg.evaluate.dense_weight} ranks with the dense head, "
                          "which only a model trained with sft.dense_weight > 0 has")
+    if "image" in cfg.embed.evidence and cfg.tokenize.rqvae.method == "rqkmeans":
+        raise ValueError("embed.evidence includes 'image', whose text-image fusion only the RQ-VAE trains; "
+                         "tokenize.rqvae.method='rqkmeans' has none: set tokenize.rqvae.method=rqvae")
     from digr import stages
 
     init_ray(cfg.ray)

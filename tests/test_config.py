@@ -68,3 +68,14 @@ def test_hybrid_ranking_without_a_trained_dense_head_fails_before_any_stage(tmp_
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="dense_weight"):
         load(PipelineConfig, None, ["evaluate.dense_weight=2"])
+
+
+def test_image_evidence_with_rqkmeans_fails_before_any_stage(tmp_path) -> None:
+    from digr.pipeline import run_pipeline
+
+    cfg = load(PipelineConfig, None, ["embed.evidence=[image]", "tokenize.rqvae.method=rqkmeans"])
+    with pytest.raises(ValueError, match="tokenize.rqvae.method=rqvae"):
+        run_pipeline(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="method"):
+        load(PipelineConfig, None, ["tokenize.rqvae.method=kmeans"])
