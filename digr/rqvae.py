@@ -12,6 +12,10 @@ paper's notation reads. Codebooks start from k-means on the residuals of a sampl
 (TIGER: of the first batch) and codes left unused for `dead_code_window` steps are re-seeded from current
 residuals, which keeps codebook usage high on small catalogues.
 
+`method="rqkmeans"` is the same module without E, D or training: r_0 = x, each level's
+residual L2-normalised, and level l's codebook is k-means on every item's r_l (GRID's residual
+k-means, Ju et al. 2025), so serving and the tokenize stage handle both methods alike.
+
 The pure pieces (`kmeans`, `residual_quantize`, `quantization_losses`, `straight_through`,
 `reset_dead_codes`) are plain tensor functions; `train_rqvae` runs the loop and works
 both alone and inside a Ray Train worker (DDP when torch.distributed is initialised).
@@ -38,11 +42,13 @@ class RQVAEConfig:
     # "rqvae": TIGER's RQ-VAE (MLP encoder -> residual codebooks -> MLP decoder, trained).
     # "rqkmeans": residual k-means on the embeddings themselves: no encoder, decoder or
     # gradient steps; level l's codebook is k-means (`kmeans_iters` Lloyd steps) on every
-    # item's residual after levels < l, L2-normalised before each level as GRID does (without
-    # it, on Scientific's MiniLM vectors, level 2 put 969 of 4,344 items on one code: the
-    # small residuals all sit near the origin; with it, 41, and collisions 24% vs 38%). GRID's ablation (Ju et al. 2025, "A Practitioner's
-    # Handbook", Table 1) found it at or above RQ-VAE on Amazon Beauty/Toys/Sports. Only
-    # levels, codebook_size, kmeans_iters and seed apply; it cannot fuse image evidence.
+    # item's residual after levels < l, L2-normalised before each level as GRID does.
+    # Without the normalisation, on Scientific's MiniLM vectors, level 2 put 969 of 4,344
+    # items on one code (small residuals all sit near the origin); with it, at most 41, and
+    # collisions fall from 38% to 24%. GRID's ablation (Ju et al. 2025, "A Practitioner's
+    # Handbook", Table 1) found it at or above the RQ-VAE on Amazon Beauty/Toys/Sports; here
+    # too (README, Benchmarks). Only levels, codebook_size, kmeans_iters and seed apply; it
+    # fits on all N items (N x K distances per Lloyd step) and cannot fuse image evidence.
     method: str = "rqvae"
     levels: int = 3
     codebook_size: int = 256
