@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import T5ForConditionalGeneration
 
-from digr.decode import Cache, _cross_kv, _decoder_step, recommend
+from digr.decode import Cache, _cross_kv, _decoder_step, _encode, _reorder, recommend
 from digr.seqmodel import ENCODER_INPUTS, PAD, ModelConfig, SidRecommender, SidVocab
 from digr.sft import load_model
 from digr.trie import SidTrie
@@ -70,7 +70,7 @@ def breakdown(model: T5ForConditionalGeneration, vocab: SidVocab, enc_kwargs: di
               mask: torch.Tensor, beam: int) -> str:
     """Time the encoder and each decoder step of our search alone (beam bookkeeping excluded)."""
     t0 = time.perf_counter()
-    enc = model.encoder(**enc_kwargs, attention_mask=mask).last_hidden_state
+    enc = _encode(model, mask, **enc_kwargs)
     cross = _cross_kv(model, enc)
     cross_mask = torch.zeros(mask.shape).masked_fill(mask == 0, torch.finfo(enc.dtype).min)[:, None, None, :]
     parts = [f"encoder+cross K/V {time.perf_counter() - t0:.3f}s"]
@@ -81,8 +81,7 @@ def breakdown(model: T5ForConditionalGeneration, vocab: SidVocab, enc_kwargs: di
         t0 = time.perf_counter()
         _decoder_step(model, tokens, past, cross, cross_mask)
         parts.append(f"step{step} ({tokens.numel()} rows) {time.perf_counter() - t0:.3f}s")
-        src = torch.arange(b).repeat_interleave(beam) if step == 0 else torch.arange(b * beam)
-        past = [([k.index_select(0, src) for k in pk], [v.index_select(0, src) for v in pv]) for pk, pv in past]
+        past = _reorder(past, torch.arange(beam).expand(b, beam))
         tokens = torch.full((b, beam), vocab.level_offset(step), dtype=torch.long)
     return ", ".join(parts)
 

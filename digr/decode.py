@@ -15,7 +15,10 @@ It is faster than `generate` because it never repeats work across the beams of o
   history's keys, (B, H, W, dk) x (B, H, S, dk); T5 has no position bias in
   cross-attention, so this is exact and the keys are never copied W times;
 * the first step runs on B rows (all beams start from the same decoder start token);
-* the trie is a dense table per level, so masking the candidates is one gather.
+* the trie is a dense table per level, so masking the candidates is one gather;
+* on CPU the decoder's matrix products go to oneDNN (`_linear`), whose fp32 GEMM uses
+  AVX-512 where MKL's (behind `F.linear`) may not: 2.2x the GFLOP/s on the AMD EPYC we
+  measure on (bench_decode.py prints both), with the same sums in the same order.
 
 The decoder layers are driven here directly (their own Linear / LayerNorm / FF modules),
 because HF's T5Attention cannot take B-row cross keys with B*W-row queries.
@@ -27,14 +30,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import T5ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.t5.modeling_t5 import T5DenseActDense
 
 from digr.seqmodel import PAD, SidRecommender, SidVocab
 from digr.trie import SidTrie
 
 KV = tuple[torch.Tensor, torch.Tensor]
-Cache = tuple[list[torch.Tensor], list[torch.Tensor]]  # per-position keys, values
+Cache = tuple[list[torch.Tensor], list[torch.Tensor]]  # per-position keys, values, each (B, W_p, H, dk)
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,6 +56,37 @@ class BeamOutput:
     sids: torch.Tensor
 
 
+# oneDNN's fused linear (+ ReLU). It is PyTorch's own op (Inductor's CPU backend lowers Linear to it), not a
+# public API, so it is looked up once and `F.linear` is the fallback wherever it is missing.
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+def _linear(x: torch.Tensor, layer: nn.Linear, relu: bool = False) -> torch.Tensor:
+    """layer(x), then ReLU if asked: (..., in) -> (..., out).
+
+    Why not `layer(x)`: on CPU `F.linear` calls MKL's sgemm, which on AMD CPUs takes its AVX2
+    path; oneDNN dispatches on the instruction set and runs AVX-512 there (measured 450 vs 200
+    GFLOP/s for the decoder's (1280 x 128) @ (128 x 1024)), and fuses the ReLU into the GEMM.
+    """
+    w = layer.weight
+    # The module call is the fallback, not F.linear: under DeepSpeed ZeRO-3 (GRPO rollouts)
+    # `weight` is an empty placeholder that only the module's forward hooks gather.
+    if (_ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+            and w.shape == (layer.out_features, layer.in_features)):
+        return _ONEDNN_LINEAR(x, w, layer.bias, "relu" if relu else "none", [], "")
+    y = layer(x)
+    return F.relu(y) if relu else y
+
+
+def _feed_forward(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """T5LayerFF in eval mode, h + DenseReluDense(layer_norm(h)); (N, d) -> (N, d).
+    The plain ReLU variant (TIGER's and ours) runs through `_linear`; any other is called as is."""
+    ff = layer.DenseReluDense
+    if not (isinstance(ff, T5DenseActDense) and isinstance(ff.act, nn.ReLU)):
+        return layer(h)
+    return h + _linear(_linear(layer.layer_norm(h), ff.wi, relu=True), ff.wo)
+
+
 def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     """(N, T, H * dk) -> (N, H, T, dk)."""
     n, t, _ = x.shape
@@ -64,12 +100,36 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
 
 
 def _cross_kv(model: T5ForConditionalGeneration, enc: torch.Tensor) -> list[KV]:
-    """enc: (B, S, d) encoder output -> per decoder layer (keys, values), each (B, H, S, dk)."""
+    """enc: (B, S, d) encoder output -> per decoder layer (keys transposed, values), (B, H, dk, S)
+    and (B, H, S, dk), both contiguous: every decoder step multiplies by them without a copy."""
     out = []
     for block in model.decoder.block:
         att = block.layer[1].EncDecAttention
-        out.append((_heads(att.k(enc), att.n_heads), _heads(att.v(enc), att.n_heads)))
+        keys = _heads(_linear(enc, att.k), att.n_heads).transpose(-1, -2).contiguous()
+        out.append((keys, _heads(_linear(enc, att.v), att.n_heads).contiguous()))
     return out
+
+
+def _encode(model: T5ForConditionalGeneration, attention_mask: torch.Tensor, input_ids: torch.Tensor | None = None,
+            inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """T5's encoder in eval mode, `model.encoder(...).last_hidden_state`, with its matrix
+    products through `_linear`. attention_mask: (B, S); input_ids (B, S) or inputs_embeds
+    (B, S, d). Returns (B, S, d)."""
+    enc = model.encoder
+    h = enc.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    b, s, _ = h.shape
+    # T5 shares layer 0's bidirectional relative position bias across layers: (1, H, S, S).
+    bias = enc.block[0].layer[0].SelfAttention.compute_bias(s, s, device=h.device).to(h.dtype)
+    bias = bias.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(h.dtype).min)  # (B, H, S, S)
+    for block in enc.block:
+        sa = block.layer[0]
+        att = sa.SelfAttention
+        x = sa.layer_norm(h)
+        q, k, v = (_heads(_linear(x, proj), att.n_heads) for proj in (att.q, att.k, att.v))  # (B, H, S, dk)
+        weights = torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1)  # T5 does not scale q.k
+        h = h + _linear(_merge(weights @ v), att.o)
+        h = _feed_forward(block.layer[1], h)
+    return enc.final_layer_norm(h)
 
 
 def _decoder_step(
@@ -82,15 +142,16 @@ def _decoder_step(
     """One cached decoder step for W beams per history; appends this step's keys/values to `past`.
 
     tokens: (B, W) int64, the token each beam consumes now (at position t = len(past[0][0])).
-    past: per layer (keys, values), each a list of t tensors (B * W, H, dk), one per earlier
-    position, beam-major rows. cross: per layer (keys, values), each (B, H, S, dk);
+    past: per layer (keys, values), each a list of t tensors (B, W_p, H, dk), one per earlier
+    position: W_p = 1 where the position is shared by all beams of a history (the start
+    token), else W_p = W. cross: `_cross_kv`'s per layer (keys (B, H, dk, S), values (B, H, S, dk));
     cross_mask: (B, 1, 1, S) additive. Returns logits (B, W, V) for the next token.
     Mirrors T5Stack/T5Block in eval mode (dropout is the identity there).
 
     Attention is written out by hand: with one query over at most sid_len keys (self) or W
     queries over S keys (cross), the products are tiny and a fused SDPA kernel's fixed cost per
     call outweighs them; keeping the cache as one tensor per position also avoids re-copying
-    the whole cache with `cat` at every step.
+    the whole cache with `cat` at every step, and a shared position is broadcast, never copied.
     """
     dec = model.decoder
     b, w = tokens.shape
@@ -104,29 +165,43 @@ def _decoder_step(
         att = sa.SelfAttention
         x = sa.layer_norm(h)
         n_heads = att.n_heads
-        q, k, v = (proj(x).view(b * w, n_heads, -1) for proj in (att.q, att.k, att.v))  # (N, H, dk)
+        q, k, v = (_linear(x, proj).view(b, w, n_heads, -1) for proj in (att.q, att.k, att.v))  # (B, W, H, dk)
         pk.append(k)
         pv.append(v)
         # T5 does not scale q.k; the single new query may see every past position.
-        logits = torch.stack([(q * kp).sum(-1) for kp in pk], dim=-1) + bias  # (N, H, t + 1)
+        logits = torch.stack([(q * kp).sum(-1) for kp in pk], dim=-1) + bias  # (B, W, H, t + 1)
         weights = torch.softmax(logits, dim=-1)
         o = weights[..., 0, None] * pv[0]
         for p in range(1, t + 1):
             o = o + weights[..., p, None] * pv[p]
-        h = h + att.o(o.view(b * w, -1))
+        h = h + _linear(o.view(b * w, -1), att.o)
 
         ca = block.layer[1]
         att = ca.EncDecAttention
         x = ca.layer_norm(h).view(b, w, -1)  # the W beams become W query positions of one row
-        q = _heads(att.q(x), att.n_heads)  # (B, H, W, dk)
-        weights = torch.softmax(q @ ck.transpose(-1, -2) + cross_mask, dim=-1)  # (B, H, W, S)
-        h = h + att.o(_merge(weights @ cv)).view(b * w, -1)
+        q = _heads(_linear(x, att.q), att.n_heads)  # (B, H, W, dk)
+        weights = torch.softmax(q @ ck + cross_mask, dim=-1)  # (B, H, W, S)
+        h = h + _linear(_merge(weights @ cv), att.o).view(b * w, -1)
 
-        h = block.layer[2](h)  # feed-forward with its residual
+        h = _feed_forward(block.layer[2], h)
     h = dec.final_layer_norm(h)
     if getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings):
         h = h * (model.config.d_model**-0.5)
-    return model.lm_head(h).view(b, w, -1)
+    return _linear(h, model.lm_head).view(b, w, -1)
+
+
+def _reorder(past: list[Cache], beam: torch.Tensor) -> list[Cache]:
+    """The cache of the beams chosen in `beam` (B, W'): new beam j of history i continues old
+    beam beam[i, j]. Positions shared by all beams of a history (W_p = 1) stay as they are."""
+    b, w_new = beam.shape
+
+    def pick(x: torch.Tensor) -> torch.Tensor:  # (B, W_p, H, dk) -> (B, W', H, dk)
+        if x.shape[1] == 1:
+            return x
+        src = (torch.arange(b, device=x.device).unsqueeze(1) * x.shape[1] + beam).view(-1)
+        return x.flatten(0, 1).index_select(0, src).view(b, w_new, *x.shape[2:])
+
+    return [([pick(k) for k in pk], [pick(v) for v in pv]) for pk, pv in past]
 
 
 def _check_inputs(
@@ -189,10 +264,8 @@ def beam_search(
     was_training = model.training
     model.eval()
     try:
-        if inputs_embeds is not None:
-            enc = model.encoder(inputs_embeds=inputs_embeds.to(device), attention_mask=attention_mask).last_hidden_state
-        else:
-            enc = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, S, d)
+        embeds = None if inputs_embeds is None else inputs_embeds.to(device)
+        enc = _encode(model, attention_mask, input_ids=input_ids, inputs_embeds=embeds)  # (B, S, d)
         cross = _cross_kv(model, enc)
         cross_mask = torch.zeros(attention_mask.shape, dtype=enc.dtype, device=device)
         cross_mask = cross_mask.masked_fill(attention_mask == 0, torch.finfo(enc.dtype).min)[:, None, None, :]
@@ -224,8 +297,7 @@ def beam_search(
             nodes = trie.step(level, nodes[rows, beam].view(-1), code.view(-1)).view(b, k)
             nodes = nodes.masked_fill(torch.isinf(scores), -1)  # dead beams (masked picks) hold no prefix
             if not last:
-                src = (rows * w + beam).view(-1)  # reorder the self-attention cache by beam
-                past = [([k.index_select(0, src) for k in pk], [v.index_select(0, src) for v in pv]) for pk, pv in past]
+                past = _reorder(past, beam)
                 tokens = code + offset
     finally:
         model.train(was_training)
@@ -294,7 +366,7 @@ def sample(
     was_training = model.training
     model.eval()
     try:
-        enc = t5.encoder(**model.encoder_kwargs(input_ids, mask), attention_mask=mask).last_hidden_state
+        enc = _encode(t5, mask, **model.encoder_kwargs(input_ids, mask))
         cross = _cross_kv(t5, enc)
         cross_mask = torch.zeros(mask.shape, dtype=enc.dtype, device=device)
         cross_mask = cross_mask.masked_fill(mask == 0, torch.finfo(enc.dtype).min)[:, None, None, :]
@@ -305,10 +377,8 @@ def sample(
         codes = []
         for level in range(vocab.sid_len):
             logits = _decoder_step(t5, tokens, past, cross, cross_mask)  # (B, W, V)
-            if level == 0:  # all samples share the first step; fan out to G rows per history
+            if level == 0:  # all samples share the first step (its cache stays shared); fan out to G
                 logits = logits.expand(b, g, -1)
-                src = torch.arange(b, device=device).repeat_interleave(g)
-                past = [([k.index_select(0, src) for k in pk], [v.index_select(0, src) for v in pv]) for pk, pv in past]
             offset, size = vocab.level_offset(level), vocab.level_size(level)
             lv = logits[..., offset:offset + size].reshape(b * g, size).float() / temperature
             lv = lv.masked_fill(~trie.allowed(level, nodes), float("-inf"))

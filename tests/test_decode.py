@@ -10,9 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import T5ForConditionalGeneration
 
-from digr.decode import beam_search
+from digr import decode
+from digr.decode import _encode, _linear, beam_search
 from digr.seqmodel import PAD, ModelConfig, SidVocab, build_t5, encode_histories
 from digr.trie import SidTrie
 
@@ -153,3 +155,31 @@ def test_bad_arguments_raise(model, trie, inputs) -> None:
         beam_search(model, trie, SidVocab(3, 4, 3), ids, mask)
     with pytest.raises(ValueError, match="attention_mask"):
         beam_search(model, trie, VOCAB, ids, mask[:, :-1])
+
+
+def test_linear_matches_torch_on_both_paths(model, monkeypatch) -> None:
+    """`_linear` (oneDNN on CPU where PyTorch has it, else F.linear) is the layer, then ReLU."""
+    ff = model.decoder.block[0].layer[2].DenseReluDense
+    x = torch.randn(3, 5, model.config.d_model)
+    for onednn in (decode._ONEDNN_LINEAR, None):
+        monkeypatch.setattr(decode, "_ONEDNN_LINEAR", onednn)
+        torch.testing.assert_close(_linear(x, ff.wi), ff.wi(x), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(_linear(x, ff.wi, relu=True), F.relu(ff.wi(x)), atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_encoder_matches_hf_with_padding(model, inputs) -> None:
+    ids, mask = inputs  # rows of 3, 1 and 5 items padded to 5
+    want = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(_encode(model, mask, input_ids=ids), want, atol=1e-5, rtol=1e-5)
+    embeds = model.encoder.embed_tokens(ids)
+    torch.testing.assert_close(_encode(model, mask, inputs_embeds=embeds), want, atol=1e-5, rtol=1e-5)
+
+
+def test_beam_search_same_without_onednn(model, trie, inputs, monkeypatch) -> None:
+    ids, mask = inputs
+    fast = beam_search(model, trie, VOCAB, ids, mask, beam_size=5, top_k=4)
+    monkeypatch.setattr(decode, "_ONEDNN_LINEAR", None)
+    plain = beam_search(model, trie, VOCAB, ids, mask, beam_size=5, top_k=4)
+    assert torch.equal(fast.items, plain.items)
+    torch.testing.assert_close(fast.scores, plain.scores, atol=1e-5, rtol=0)
