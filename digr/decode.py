@@ -14,14 +14,16 @@ It is faster than `generate` because it never repeats work across the beams of o
 * in cross-attention the W beams of a history are fed as W query positions against that
   history's keys, (B, H, W, dk) x (B, H, S, dk); T5 has no position bias in
   cross-attention, so this is exact and the keys are never copied W times;
-* the first step runs on B rows (all beams start from the same decoder start token);
+* the first step runs on B rows (all beams start from the same decoder start token), and
+  its self-attention keys/values stay B rows, broadcast to the beams, never copied;
 * the trie is a dense table per level, so masking the candidates is one gather;
-* on CPU the decoder's matrix products go to oneDNN (`_linear`), whose fp32 GEMM uses
-  AVX-512 where MKL's (behind `F.linear`) may not: 2.2x the GFLOP/s on the AMD EPYC we
-  measure on (bench_decode.py prints both), with the same sums in the same order.
+* on CPU the matrix products go to oneDNN (`_linear`), whose fp32 GEMM uses AVX-512 where
+  MKL's (behind `F.linear`) may not: 2.2x the GFLOP/s on the AMD EPYC of our benchmarks
+  (README, "Benchmarks"); the results agree with `F.linear` to float rounding.
 
-The decoder layers are driven here directly (their own Linear / LayerNorm / FF modules),
-because HF's T5Attention cannot take B-row cross keys with B*W-row queries.
+The encoder and decoder layers are driven here directly (their own Linear / LayerNorm
+modules), because HF's T5Attention cannot take B-row cross keys with B*W-row queries, and so
+that every matrix product goes through `_linear`. Tests check both against HF's forward.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class BeamOutput:
 
 
 # oneDNN's fused linear (+ ReLU). It is PyTorch's own op (Inductor's CPU backend lowers Linear to it), not a
-# public API, so it is looked up once and `F.linear` is the fallback wherever it is missing.
+# public API, so it is looked up once and the module's own call is the fallback wherever it is missing.
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
