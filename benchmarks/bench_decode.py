@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import T5ForConditionalGeneration
 
-from digr.decode import Cache, _cross_kv, _decoder_step, _encode, _reorder, recommend
+from digr.decode import Cache, _decoder_step, _encoder_states, _reorder, recommend
 from digr.seqmodel import ENCODER_INPUTS, PAD, ModelConfig, SidRecommender, SidVocab
 from digr.sft import load_model
 from digr.trie import SidTrie
@@ -70,9 +70,7 @@ def breakdown(model: T5ForConditionalGeneration, vocab: SidVocab, enc_kwargs: di
               mask: torch.Tensor, beam: int) -> str:
     """Time the encoder and each decoder step of our search alone (beam bookkeeping excluded)."""
     t0 = time.perf_counter()
-    enc = _encode(model, mask, **enc_kwargs)
-    cross = _cross_kv(model, enc)
-    cross_mask = torch.zeros(mask.shape).masked_fill(mask == 0, torch.finfo(enc.dtype).min)[:, None, None, :]
+    cross, cross_mask = _encoder_states(model, mask, **enc_kwargs)
     parts = [f"encoder+cross K/V {time.perf_counter() - t0:.3f}s"]
     b = mask.shape[0]
     past: list[Cache] = [([], []) for _ in model.decoder.block]

@@ -101,6 +101,12 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(n, t, h * dk)
 
 
+def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, S) 1/0 -> (B, 1, 1, S): 0 where attended, the dtype's minimum on padding."""
+    mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    return mask.masked_fill(attention_mask == 0, torch.finfo(dtype).min)[:, None, None, :]
+
+
 def _cross_kv(model: T5ForConditionalGeneration, enc: torch.Tensor) -> list[KV]:
     """enc: (B, S, d) encoder output -> per decoder layer (keys transposed, values), (B, H, dk, S)
     and (B, H, S, dk), both contiguous: every decoder step multiplies by them without a copy."""
@@ -122,7 +128,7 @@ def _encode(model: T5ForConditionalGeneration, attention_mask: torch.Tensor, inp
     b, s, _ = h.shape
     # T5 shares layer 0's bidirectional relative position bias across layers: (1, H, S, S).
     bias = enc.block[0].layer[0].SelfAttention.compute_bias(s, s, device=h.device).to(h.dtype)
-    bias = bias.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(h.dtype).min)  # (B, H, S, S)
+    bias = bias + _additive_mask(attention_mask, h.dtype)  # (B, H, S, S), added as HF adds them
     for block in enc.block:
         sa = block.layer[0]
         att = sa.SelfAttention
@@ -132,6 +138,14 @@ def _encode(model: T5ForConditionalGeneration, attention_mask: torch.Tensor, inp
         h = h + _linear(_merge(weights @ v), att.o)
         h = _feed_forward(block.layer[1], h)
     return enc.final_layer_norm(h)
+
+
+def _encoder_states(model: T5ForConditionalGeneration, attention_mask: torch.Tensor,
+                    **encoder_inputs: torch.Tensor | None) -> tuple[list[KV], torch.Tensor]:
+    """What every decoder step reads: `_cross_kv` of the encoder output, and the (B, 1, 1, S)
+    additive cross-attention mask. encoder_inputs: input_ids or inputs_embeds, as `_encode`."""
+    enc = _encode(model, attention_mask, **encoder_inputs)
+    return _cross_kv(model, enc), _additive_mask(attention_mask, enc.dtype)
 
 
 def _decoder_step(
@@ -267,10 +281,7 @@ def beam_search(
     model.eval()
     try:
         embeds = None if inputs_embeds is None else inputs_embeds.to(device)
-        enc = _encode(model, attention_mask, input_ids=input_ids, inputs_embeds=embeds)  # (B, S, d)
-        cross = _cross_kv(model, enc)
-        cross_mask = torch.zeros(attention_mask.shape, dtype=enc.dtype, device=device)
-        cross_mask = cross_mask.masked_fill(attention_mask == 0, torch.finfo(enc.dtype).min)[:, None, None, :]
+        cross, cross_mask = _encoder_states(model, attention_mask, input_ids=input_ids, inputs_embeds=embeds)
 
         b = input_ids.shape[0]
         past: list[Cache] = [([], []) for _ in model.decoder.block]
@@ -368,10 +379,7 @@ def sample(
     was_training = model.training
     model.eval()
     try:
-        enc = _encode(t5, mask, **model.encoder_kwargs(input_ids, mask))
-        cross = _cross_kv(t5, enc)
-        cross_mask = torch.zeros(mask.shape, dtype=enc.dtype, device=device)
-        cross_mask = cross_mask.masked_fill(mask == 0, torch.finfo(enc.dtype).min)[:, None, None, :]
+        cross, cross_mask = _encoder_states(t5, mask, **model.encoder_kwargs(input_ids, mask))
         b, g = len(histories), num_samples
         past: list[Cache] = [([], []) for _ in t5.decoder.block]
         tokens = torch.full((b, 1), PAD, dtype=torch.long, device=device)
