@@ -89,6 +89,15 @@ class ModelConfig:
     encoder_input: str = "items"
     item_embedding: bool = True
     content_features: bool = True
+    # Share the SID-token table between the encoder's input, the decoder's input and the output
+    # layer (T5's tie_word_embeddings, which also scales the decoder output by d_model^-0.5), as
+    # SASRec shares its item table: a token's output vector then also learns from histories.
+    tie_embeddings: bool = False
+    # "items" layout: a learned embedding of each position's recency (0 = the latest item, 1 the
+    # one before, ...; older than recency_positions - 1 share the last row) added to its vector.
+    # T5's encoder has only relative position biases and its cross-attention none, so without it
+    # the decoder cannot tell the latest item from an older one. 0 = off.
+    recency_positions: int = 0
 
     def __post_init__(self) -> None:
         if self.encoder_input not in ENCODER_INPUTS:
@@ -96,6 +105,8 @@ class ModelConfig:
         for name in ("d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"sft.model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.recency_positions < 0:
+            raise ValueError(f"sft.model.recency_positions must be >= 0, got {self.recency_positions}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"sft.model.dropout must be in [0, 1), got {self.dropout}")
 
@@ -115,9 +126,20 @@ def build_t5(vocab: SidVocab, cfg: ModelConfig) -> T5ForConditionalGeneration:
         pad_token_id=PAD,
         eos_token_id=EOS,
         decoder_start_token_id=PAD,
-        tie_word_embeddings=False,
+        tie_word_embeddings=cfg.tie_embeddings,
     )
     return T5ForConditionalGeneration(t5)
+
+
+def recency_index(attention_mask: torch.Tensor, positions: int) -> torch.Tensor:
+    """(B, L) 1/0 mask, any padding side -> (B, L) int64: how many real positions come after
+    each position (0 = the latest item), capped at positions - 1; 0 on padding.
+
+    E.g. mask [[1, 1, 1, 0], [0, 1, 1, 1]], positions 2 -> [[1, 1, 0, 0], [0, 1, 1, 0]].
+    """
+    mask = attention_mask.long()
+    after = mask.flip(1).cumsum(1).flip(1) - mask  # real positions strictly after each one
+    return (after * mask).clamp(max=positions - 1)
 
 
 def item_histories(histories: list[list[int]], max_items: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,6 +187,10 @@ class SidRecommender(torch.nn.Module):
         self.item = torch.nn.Embedding(n_items, cfg.d_model) if items and cfg.item_embedding else None
         if self.item is not None:
             torch.nn.init.normal_(self.item.weight, std=0.1)
+        self.recency = (torch.nn.Embedding(cfg.recency_positions, cfg.d_model)
+                        if items and cfg.recency_positions else None)
+        if self.recency is not None:
+            torch.nn.init.normal_(self.recency.weight, std=0.1)
         self.content: torch.nn.Linear | None = None
         if items and cfg.content_features:
             if features is None or features.ndim != 2 or features.shape[0] != n_items:
@@ -190,6 +216,8 @@ class SidRecommender(torch.nn.Module):
         if self.cfg.encoder_input != "items":
             return {"input_ids": input_ids}
         x = self.item_vectors(input_ids)  # (B, L, d)
+        if self.recency is not None:
+            x = x + self.recency(recency_index(attention_mask, self.recency.num_embeddings))
         return {"inputs_embeds": x * attention_mask.unsqueeze(-1).to(x.dtype)}
 
     def item_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:

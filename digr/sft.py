@@ -49,6 +49,10 @@ class SFTConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 100
     grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
+    # Exponential moving average of the weights (torch.optim.swa_utils), updated every step with
+    # this decay; validation, early stopping and the saved best model then use the averaged
+    # weights. 0 = off (the raw weights).
+    ema_decay: float = 0.0
     max_history: int = 20  # items fed to the encoder
     max_train_examples_per_user: int = 0  # 0 = all sliding-window targets; else each user's last N
     # Loss weight of an example = count(its target among training targets)^-power, mean 1
@@ -80,6 +84,8 @@ class SFTConfig:
             raise ValueError(
                 f"sft: need lr > 0, weight_decay >= 0, grad_clip >= 0; got {self.lr}, {self.weight_decay}, {self.grad_clip}"
             )
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"sft.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.valid_beam < 10:
             raise ValueError(f"sft.valid_beam must be >= 10 (validation ranks the top 10), got {self.valid_beam}")
 
@@ -224,6 +230,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     from torch.utils.data import DataLoader, DistributedSampler
 
     from digr.trie import SidTrie
@@ -275,6 +282,12 @@ def _train_loop(config: dict[str, Any]) -> None:
     # are the same constants on every rank: no need to re-broadcast megabytes every step.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     plain = model.module if hasattr(model, "module") else model
+    ema = None
+    if cfg.ema_decay and rank == 0:  # only rank 0 validates, so only it keeps the average
+        ema = AveragedModel(plain, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+        if saved is not None and saved.get("ema") is not None:  # else the average starts from the resumed weights
+            ema.load_state_dict(saved["ema"])
+    evaluated = ema.module if ema is not None else plain  # what validation scores and the best model is
     trie = SidTrie.from_codes(data["sids"], vocab).to(device) if rank == 0 else None
     epoch_seconds = [r["seconds"] for r in state.history]
 
@@ -294,6 +307,8 @@ def _train_loop(config: dict[str, Any]) -> None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(plain)
             state.step += 1
             rows = len(batch["targets"])
             totals += torch.stack([loss.detach().double() * rows, totals.new_tensor(rows)])  # no GPU sync per step
@@ -302,11 +317,11 @@ def _train_loop(config: dict[str, Any]) -> None:
                                "valid_loss": None, "valid_ndcg@10": None, "valid_hr@10": None}
         stop = False
         if rank == 0 and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-            v = validate(plain, trie, data["valid"], cfg.max_history, cfg.valid_beam, cfg.valid_exclude_seen, device,
+            v = validate(evaluated, trie, data["valid"], cfg.max_history, cfg.valid_beam, cfg.valid_exclude_seen, device,
                          cfg.dense_weight)
             row.update({"valid_loss": v["loss"], "valid_ndcg@10": v["ndcg@10"], "valid_hr@10": v["hr@10"]})
             if track_best(state, v["ndcg@10"], epoch):
-                best_state = _cpu_state(plain)
+                best_state = _cpu_state(evaluated)
             stop = state.bad_evals >= cfg.patience and epoch < cfg.epochs
         # Every rank must leave the loop at the same epoch, or DDP's next all-reduce hangs.
         stop = bool(_all_ranks(torch.tensor([int(stop)], device=device), "bcast").item())
@@ -322,10 +337,12 @@ def _train_loop(config: dict[str, Any]) -> None:
                                 epoch_seconds), flush=True)
             with tempfile.TemporaryDirectory() as tmp:
                 torch.save({"model": plain.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "state": dataclasses.asdict(state)},
+                            "scheduler": scheduler.state_dict(), "state": dataclasses.asdict(state),
+                            "ema": ema.state_dict() if ema is not None else None},
                            os.path.join(tmp, _TRAIN_STATE))
                 # Before the first validation the best model is the current one.
-                torch.save(best_state if best_state is not None else _cpu_state(plain), os.path.join(tmp, _BEST_MODEL))
+                torch.save(best_state if best_state is not None else _cpu_state(evaluated),
+                           os.path.join(tmp, _BEST_MODEL))
                 with open(os.path.join(tmp, _META), "w") as f:
                     json.dump({"epoch": epoch, "model_config": dataclasses.asdict(cfg.model),
                                "vocab": dataclasses.asdict(vocab), "sft_config": _jsonable(cfg)}, f, indent=2)

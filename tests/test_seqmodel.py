@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from digr.decode import beam_search, hybrid_recommend, recommend, sid_logprobs
-from digr.seqmodel import PAD, ModelConfig, SidRecommender, SidVocab, item_histories
+from digr.seqmodel import PAD, ModelConfig, SidRecommender, SidVocab, item_histories, recency_index
 from digr.trie import SidTrie
 
 VOCAB = SidVocab(levels=2, codebook_size=3, suffix_size=2)
@@ -39,6 +39,27 @@ def test_items_layout_sums_code_item_and_content_embeddings() -> None:
     x = model.encoder_kwargs(ids, mask)["inputs_embeds"]
     # Item 3 (1, 1, 0) -> tokens 3 + 6 + 8 = 17, + 300, + 0. Padding is zeroed.
     assert x[:, :, 0].tolist() == [[617.0, 0.0], [317.0, 617.0]]
+
+
+def test_recency_index_by_hand_on_both_padding_sides() -> None:
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1], [0, 0, 0, 0]])
+    assert recency_index(mask, 10).tolist() == [[2, 1, 0, 0], [0, 2, 1, 0], [0, 0, 0, 0]]
+    assert recency_index(mask, 2).tolist() == [[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]]  # older ones share the last row
+
+
+def test_recency_embedding_marks_the_latest_item() -> None:
+    # Everything zero except recency[r] = 10 ** r: item vectors are then pure recency.
+    cfg = ModelConfig(**{**TINY.__dict__, "recency_positions": 2, "content_features": False})
+    model = SidRecommender(VOCAB, cfg, VOCAB.encode(CODES))
+    with torch.no_grad():
+        model.t5.shared.weight.zero_()
+        model.item.weight.zero_()
+        model.recency.weight.copy_(torch.tensor([[1.0] * 8, [10.0] * 8]))
+    ids, mask = model.batch([[1], [3, 1, 2]], max_items=5)
+    x = model.encoder_kwargs(ids, mask)["inputs_embeds"][:, :, 0]
+    assert x.tolist() == [[1.0, 0.0, 0.0], [10.0, 10.0, 1.0]]  # latest -> row 0; padding stays zero
+    with pytest.raises(ValueError, match="recency_positions"):
+        ModelConfig(recency_positions=-1)
 
 
 def test_content_features_need_features() -> None:

@@ -264,3 +264,35 @@ def test_sft_learns_resumes_and_scales_out(ray_local, fast_reports, tmp_path) ->
     assert np.load(tmp_path / "model" / "sids.npy").tolist() == TOY_SIDS.tolist()
     assert model.state_dict().keys() == res.model_state.keys()
     assert all(torch.equal(v, res.model_state[k]) for k, v in model.state_dict().items())
+
+
+def test_sft_ema_validates_saves_and_resumes_the_average(ray_local, fast_reports, tmp_path) -> None:
+    # One epoch (28 steps): the first validation is always the best, so the returned model is
+    # the weight average after step 28, which the checkpoint keeps next to the raw weights.
+    res = run_sft(TOY, TOY_SIDS, 8, _toy_cfg(epochs=1, ema_decay=0.5), str(tmp_path), name="ema")
+    saved = torch.load(os.path.join(res.checkpoint_path, "train_state.pt"), weights_only=False)
+    ema, raw = saved["ema"], saved["model"]
+    assert int(ema["n_averaged"]) == 28  # updated once per optimizer step
+    assert all(torch.equal(v, ema[f"module.{k}"]) for k, v in res.model_state.items())
+    assert not torch.equal(raw["t5.lm_head.weight"], ema["module.t5.lm_head.weight"])  # an average, not the raw weights
+
+    # A resumed run continues the same average rather than restarting it.
+    more = run_sft(TOY, TOY_SIDS, 8, _toy_cfg(epochs=2, ema_decay=0.5), str(tmp_path), name="ema")
+    saved = torch.load(os.path.join(more.checkpoint_path, "train_state.pt"), weights_only=False)
+    assert int(saved["ema"]["n_averaged"]) == 56
+    with pytest.raises(ValueError, match="ema_decay"):
+        SFTConfig(ema_decay=1.0)
+
+
+def test_save_load_round_trip_with_recency_and_tied_tables(tmp_path) -> None:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY, recency_positions=3, tie_embeddings=True)
+    model = SidRecommender(vocab_for(TOY_SIDS, 8), cfg, vocab_for(TOY_SIDS, 8).encode(torch.from_numpy(TOY_SIDS))).eval()
+    assert model.t5.lm_head.weight is model.t5.shared.weight
+    save_model(model, str(tmp_path / "m"))
+    loaded = load_model(str(tmp_path / "m"))
+    assert loaded.cfg == cfg and loaded.t5.lm_head.weight is loaded.t5.shared.weight
+    assert torch.equal(loaded.recency.weight, model.recency.weight)
+    ids, mask = model.batch([[1, 2, 3], [4]], max_items=5)
+    labels = model.vocab.encode(torch.from_numpy(TOY_SIDS[[5, 6]]))
+    assert torch.equal(loaded(ids, mask, labels), model(ids, mask, labels))
