@@ -138,7 +138,7 @@ def recency_index(attention_mask: torch.Tensor, positions: int) -> torch.Tensor:
     E.g. mask [[1, 1, 1, 0], [0, 1, 1, 1]], positions 2 -> [[1, 1, 0, 0], [0, 1, 1, 0]].
     """
     mask = attention_mask.long()
-    after = mask.flip(1).cumsum(1).flip(1) - mask  # real positions strictly after each one
+    after = mask.sum(1, keepdim=True) - mask.cumsum(1)  # real positions strictly after each one
     return (after * mask).clamp(max=positions - 1)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -49,7 +51,7 @@ def test_recency_index_by_hand_on_both_padding_sides() -> None:
 
 def test_recency_embedding_marks_the_latest_item() -> None:
     # Everything zero except recency[r] = 10 ** r: item vectors are then pure recency.
-    cfg = ModelConfig(**{**TINY.__dict__, "recency_positions": 2, "content_features": False})
+    cfg = dataclasses.replace(TINY, recency_positions=2, content_features=False)
     model = SidRecommender(VOCAB, cfg, VOCAB.encode(CODES))
     with torch.no_grad():
         model.t5.shared.weight.zero_()
