@@ -175,7 +175,7 @@ def _decoder_step(
     t = len(past[0][0])
     # T5 shares layer 0's relative position bias across layers; one query at position t.
     bias = dec.block[0].layer[0].SelfAttention.compute_bias(1, t + 1, device=h.device, past_seen_tokens=t)
-    bias = bias.view(-1, t + 1).to(h.dtype)  # (H, t + 1)
+    bias = bias.view(-1, t + 1).t().reshape(t + 1, 1, 1, -1).to(h.dtype)  # (t + 1, 1, 1, H)
     for block, (pk, pv), (ck, cv) in zip(dec.block, past, cross):
         sa = block.layer[0]
         att = sa.SelfAttention
@@ -184,12 +184,13 @@ def _decoder_step(
         q, k, v = (_linear(x, proj).view(b, w, n_heads, -1) for proj in (att.q, att.k, att.v))  # (B, W, H, dk)
         pk.append(k)
         pv.append(v)
-        # T5 does not scale q.k; the single new query may see every past position.
-        logits = torch.stack([(q * kp).sum(-1) for kp in pk], dim=-1) + bias  # (B, W, H, t + 1)
-        weights = torch.softmax(logits, dim=-1)
-        o = weights[..., 0, None] * pv[0]
+        # T5 does not scale q.k; the single new query may see every past position. Positions
+        # lead (dim 0): a softmax over a short last dim is slow, and weights[p] is contiguous.
+        logits = torch.stack([(q * kp).sum(-1) for kp in pk]) + bias  # (t + 1, B, W, H)
+        weights = torch.softmax(logits, dim=0).unsqueeze(-1)  # (t + 1, B, W, H, 1)
+        o = weights[0] * pv[0]
         for p in range(1, t + 1):
-            o = o + weights[..., p, None] * pv[p]
+            o += weights[p] * pv[p]
         h = h + _linear(o.view(b * w, -1), att.o)
 
         ca = block.layer[1]
