@@ -136,9 +136,9 @@ def test_model_add_items_makes_a_new_item_reachable() -> None:
     new = np.array([[3, 1, 0]])
     model.add_items(vocab.encode(torch.from_numpy(new)))
     trie = SidTrie.from_codes(codes, vocab).add(new)
-    assert model.n_items == 11 and model.item.weight.shape[0] == 11 and float(model.item.weight[10].abs().sum()) == 0
+    assert model.n_items == 11 and model.item.weight.shape[0] == 11 and float(model.item.weight[10].detach().abs().sum()) == 0
     lp = constrained_logprobs(model.eval(), trie, *model.batch([[10, 2]], 5), trie.codes.unsqueeze(0)).sum(-1)
-    assert float(torch.logsumexp(lp.detach(), -1)) == pytest.approx(0.0, abs=1e-5) and float(lp[0, 10].exp()) > 0
+    assert float(torch.logsumexp(lp.detach(), -1)) == pytest.approx(0.0, abs=1e-5) and float(lp[0, 10].detach().exp()) > 0
 
 
 # ---------------------------------------------------------------- the Ray Serve application
