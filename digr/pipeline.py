@@ -64,7 +64,33 @@ def init_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
+        start_local_ray(cfg.num_cpus or max(4, os.cpu_count() or 1))
+
+
+def start_local_ray(num_cpus: int, **init_kwargs: Any) -> None:
+    """`ray.init` of a new local Ray whose workers query this Ray's own State API.
+
+    Ray Train starts a placement-group cleaner beside every training run that asks the State
+    API each second whether the run's controller is alive, and removes the run's placement
+    group (killing its workers) when the answer is no. With no address, the State API client
+    finds "the" local Ray through /tmp/ray/ray_current_cluster: the one started last on the
+    machine. So a second local Ray (another pipeline, tests, `ray start --head` for
+    `ray job submit`) made the cleaner ask the wrong cluster, hear "no such actor", and kill a
+    healthy training run (seen: an SFT run killed in epoch 2 when another local Ray started).
+    Without a dashboard there is no State API at all, and the cleaner logs a warning a second.
+    So: a dashboard on loopback at a port picked here, and every worker of this job pointed at
+    it (`RAY_API_SERVER_ADDRESS`, read before any auto-detection).
+    """
+    import socket
+
+    import ray
+
+    with socket.socket() as sock:  # a free port now; Ray binds it a moment later
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    runtime_env = {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             runtime_env=runtime_env, **init_kwargs)
 
 
 def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",

@@ -18,9 +18,11 @@ def ray_local():
     and Serve replicas that each reserve a CPU cannot deadlock one another."""
     import ray
 
+    from digr.pipeline import start_local_ray
+
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if not ray.is_initialized():  # as the pipeline starts one: its workers query its own State API
+        start_local_ray(4, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

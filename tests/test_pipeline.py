@@ -23,6 +23,32 @@ SLICE = [
 ]
 
 
+def test_local_ray_workers_ask_their_own_state_api(ray_local) -> None:
+    """Ray Train's placement-group cleaner kills a run whose controller the State API does not
+    know; a worker of our local Ray must reach this Ray's State API, not the newest one on the
+    machine (`start_local_ray`)."""
+    import ray
+    from ray.dashboard.utils import get_address_for_submission_client, ray_address_to_api_server_url
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def ask(self) -> tuple[str, bool]:
+            from ray.util.state import get_actor
+
+            me = ray.get_runtime_context().get_actor_id()
+            state = get_actor(me, timeout=30)
+            return get_address_for_submission_client(None), state is not None and state.state == "ALIVE"
+
+    probe = Probe.remote()
+    try:
+        address, alive = ray.get(probe.ask.remote(), timeout=120)
+    finally:
+        ray.kill(probe)
+    # what this Ray's GCS says its State API is, asked by address (no auto-detection)
+    assert address == ray_address_to_api_server_url(ray.get_runtime_context().gcs_address)
+    assert alive
+
+
 def test_pipeline_end_to_end_on_a_real_slice(ray_local, scientific_dir, tmp_path) -> None:
     cfg = load(PipelineConfig, None, [f"ingest.path={scientific_dir}", *SLICE])
     out = tmp_path / "run"
