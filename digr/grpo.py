@@ -46,7 +46,7 @@ import pyarrow as pa
 import torch
 
 from digr.rewards import RewardConfig, RewardInputs, total_reward
-from digr.scaling import ScalingConfig
+from digr.scaling import ScalingConfig, say
 from digr.seqmodel import SidRecommender
 from digr.sft_data import Examples, select_examples
 
@@ -347,7 +347,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 best_state = torch.load(os.path.join(ckpt_dir, _BEST), map_location="cpu")
         if rank == 0:
-            print(f"grpo resuming after step {state.step}", flush=True)
+            say(f"grpo resuming after step {state.step}")
 
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -358,7 +358,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             os.environ.setdefault(var, str(value))
         if device.type == "cpu":  # on CPU DeepSpeed JIT-builds its shared-memory comm op at init
             for lock in clear_stale_extension_locks():
-                print(f"grpo: removed a stale torch-extension build lock {lock}", flush=True)
+                say(f"grpo: removed a stale torch-extension build lock {lock}")
         engine, optimizer, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer,
                                                        config=deepspeed_config(cfg, world))
         module = engine.module
@@ -398,7 +398,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         state.best_ndcg, state.best_step = evaluate_now(), 0  # the SFT model is the first candidate
         best_state = full_state()
         if rank == 0:
-            print(f"grpo step 0 valid ndcg@10 {state.best_ndcg:.4f} (the SFT model)", flush=True)
+            say(f"grpo step 0 valid ndcg@10 {state.best_ndcg:.4f} (the SFT model)")
 
     actors = config.get("rollout_actors") or []
     mine = actors[rank::world] if len(actors) >= world else ([actors[rank % len(actors)]] if actors else [])
@@ -436,9 +436,9 @@ def _train_loop(config: dict[str, Any]) -> None:
         if rank == 0 and (step % 10 == 0 or step == cfg.steps):
             eta = (cfg.steps - step) * float(np.mean(times[-10:])) / 60
             valid = f" valid ndcg@10 {row['valid_ndcg@10']:.4f}" if "valid_ndcg@10" in row else ""
-            print(f"grpo step {step}/{cfg.steps} reward {row['reward']:.3f} hit@G {row['hit_rate']:.3f} "
-                  f"kl {row['kl']:.4f}{valid} (best {state.best_ndcg:.4f} @{state.best_step}) "
-                  f"{np.mean(times[-10:]):.2f} s/step ETA {eta:.1f} min", flush=True)
+            say(f"grpo step {step}/{cfg.steps} reward {row['reward']:.3f} hit@G {row['hit_rate']:.3f} "
+                f"kl {row['kl']:.4f}{valid} (best {state.best_ndcg:.4f} @{state.best_step}) "
+                f"{np.mean(times[-10:]):.2f} s/step ETA {eta:.1f} min")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
             current = full_state()  # a collective under ZeRO-3: every rank takes part

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
+from digr.scaling import say
 from digr.seqmodel import SidVocab
 from digr.trie import SidTrie
 
@@ -526,7 +527,7 @@ def _llm_sft_loop(config: dict[str, Any]) -> None:
             model, tokenizer, table = load_trained_backbone(ckpt_dir, trainable=True)
             resume = torch.load(os.path.join(ckpt_dir, _LLM_SFT_STATE), weights_only=False)
         if rank == 0:
-            print(f"llm sft resuming after step {resume['step']}", flush=True)
+            say(f"llm sft resuming after step {resume['step']}")
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moved to the worker's device
 
     def report(state: dict[str, Any]) -> None:
@@ -606,7 +607,7 @@ def _llm_grpo_loop(config: dict[str, Any]) -> None:
             saved = torch.load(os.path.join(ckpt_dir, _LLM_GRPO_STATE), weights_only=False)
         start, history = saved["step"], saved["history"]
         if rank == 0:
-            print(f"llm grpo resuming after step {start}", flush=True)
+            say(f"llm grpo resuming after step {start}")
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if saved is not None:
@@ -624,8 +625,8 @@ def _llm_grpo_loop(config: dict[str, Any]) -> None:
         history.append({"step": step, "loss": float(loss.detach()), **stats})
         if rank == 0 and (step % 10 == 0 or step == cfg.steps):
             rate = (time.perf_counter() - t0) / (step - start)
-            print(f"llm grpo step {step}/{cfg.steps} reward {np.mean([h['reward'] for h in history[-10:]]):.3f} "
-                  f"kl {stats['kl']:.4f} {rate:.1f} s/step ETA {(cfg.steps - step) * rate / 60:.1f} min", flush=True)
+            say(f"llm grpo step {step}/{cfg.steps} reward {np.mean([h['reward'] for h in history[-10:]]):.3f} "
+                f"kl {stats['kl']:.4f} {rate:.1f} s/step ETA {(cfg.steps - step) * rate / 60:.1f} min")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             metrics = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
             if rank != 0:

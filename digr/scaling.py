@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,3 +37,14 @@ class ScalingConfig:
         return ray.train.ScalingConfig(
             num_workers=self.num_workers, use_gpu=self.use_gpu, resources_per_worker=resources
         )
+
+
+def say(line: str) -> None:
+    """Print one progress line from a Ray Train worker, once.
+
+    Ray Train replaces `print` in its workers with one that both prints (Ray wraps a worker's
+    stdout) and logs through the root logger, and the driver shows both: every line twice.
+    Written to stdout directly, it shows once, still prefixed with the worker's name and pid.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

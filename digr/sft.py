@@ -30,7 +30,7 @@ import torch
 from transformers import T5ForConditionalGeneration, get_cosine_schedule_with_warmup
 
 from digr import storage
-from digr.scaling import ScalingConfig
+from digr.scaling import ScalingConfig, say
 from digr.seqmodel import ModelConfig, SidRecommender, SidVocab
 from digr.sft_data import Examples, SidCollate, SidDataset, select_examples, target_weights, vocab_for
 
@@ -270,7 +270,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 best_state = torch.load(os.path.join(ckpt_dir, _BEST_MODEL), map_location="cpu")
         if rank == 0:
-            print(f"sft resuming after epoch {state.epoch} (step {state.step})", flush=True)
+            say(f"sft resuming after epoch {state.epoch} (step {state.step})")
     # Total steps counted from where we are: a resume with more epochs or another number of
     # workers (other steps per epoch) still decays to zero exactly at the last epoch.
     total_steps = state.step + max(cfg.epochs - state.epoch, 0) * len(loader)
@@ -333,8 +333,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
         else:
-            print(progress_line(epoch, cfg.epochs, state.step, row, state.best_ndcg, state.best_epoch,
-                                epoch_seconds), flush=True)
+            say(progress_line(epoch, cfg.epochs, state.step, row, state.best_ndcg, state.best_epoch,
+                              epoch_seconds))
             with tempfile.TemporaryDirectory() as tmp:
                 torch.save({"model": plain.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "state": dataclasses.asdict(state),

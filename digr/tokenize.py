@@ -20,7 +20,7 @@ import torch
 
 from digr import storage
 from digr.rqvae import RQVAE, RQVAEConfig, check_embeddings, assign_codes, train_rqvae
-from digr.scaling import ScalingConfig
+from digr.scaling import ScalingConfig, say
 from digr.sids import add_collision_suffix, codebook_usage, codebook_version, collision_rate, prefix_labels
 
 _MODEL = "rqvae.pt"
@@ -100,7 +100,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         if rec["epoch"] == epochs or not cfg.report_every or rec["epoch"] % cfg.report_every:
             return  # the last epoch is reported below, with the checkpoint
         if rank == 0:
-            print(progress_line(rec, epochs), flush=True)
+            say(progress_line(rec, epochs))
         ray.train.report(rec)
 
     model, history = train_rqvae(emb, cfg.rqvae, on_epoch=on_epoch, device=device, image_dim=config["image_dim"])
@@ -109,7 +109,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         ray.train.report(last, checkpoint=None)
         return
     if cfg.report_every:
-        print(progress_line(last, epochs), flush=True)
+        say(progress_line(last, epochs))
     with tempfile.TemporaryDirectory() as tmp:
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, os.path.join(tmp, _MODEL))
         with open(os.path.join(tmp, _META), "w") as f:
