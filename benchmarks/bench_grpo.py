@@ -41,13 +41,12 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="grpo config key=value")
     args = ap.parse_args()
 
-    import ray
-
     from digr import storage
     from digr.config import merge_dicts, from_dict, parse_overrides
     from digr.evaluate import EvalConfig, rank_generative, score, test_rows
     from digr.grpo import DeepSpeedSettings, GRPOConfig, run_grpo
     from digr.metrics import EMPTY, write_predictions
+    from digr.pipeline import start_local_ray
     from digr.rewards import RewardConfig
     from digr.scaling import ScalingConfig
     from digr.sft import load_model, save_model
@@ -60,7 +59,7 @@ def main() -> int:
     defaults = {"max_history": sft_cfg["max_history"], "valid_users": sft_cfg["valid_users"],
                 "threads_per_worker": 2, "scaling": {"cpus_per_worker": 2}}
     base = from_dict(GRPOConfig, merge_dicts(defaults, parse_overrides(args.overrides)))
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    start_local_ray(4)  # GRPO trains on Ray Train: see pipeline.start_local_ray
 
     examples = storage.read_table(str(run / "ingest" / "examples.parquet"))
     sequences = storage.read_table(str(run / "ingest" / "sequences.parquet"))
@@ -137,9 +136,12 @@ def main() -> int:
             print(f"{name}: test NDCG@10 {mean:.5f} ± {std:.5f} vs SFT {sft_test:.5f} ({mean - sft_test:+.5f}) "
                   f"-> GRPO {verdict} test NDCG@10")
 
-        if SCORER.exists():
+        data_dir = manifest["config"]["ingest"]["path"]
+        if not (SCORER.exists() and data_dir):  # score.py reads a ../shared/data dataset folder
+            print(f"\nno independent check: {SCORER.name} needs the run's dataset folder "
+                  f"(ingest.path {data_dir!r}; the embedded MovieLens default has none)")
+        else:
             print(f"\nindependent check with {SCORER.name} (test split):")
-            data_dir = manifest["config"]["ingest"]["path"]
             for tag in ["sft", *[f"{n}-s{s}" for n in variants for s in args.seeds]]:
                 ours = (results["sft"][0] if tag == "sft" else
                         results[tag.rsplit("-s", 1)[0]][args.seeds.index(int(tag.rsplit("-s", 1)[1]))])["test"]

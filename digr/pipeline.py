@@ -89,8 +89,10 @@ def start_local_ray(num_cpus: int, **init_kwargs: Any) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     runtime_env = {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             runtime_env=runtime_env, **init_kwargs)
+    # address="local": a new Ray even where `ray start` left one (a bare `ray.init()` would join
+    # that one, and refuse num_cpus); joining a cluster is `ray.address` / RAY_ADDRESS.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, runtime_env=runtime_env, **init_kwargs)
 
 
 def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",
