@@ -72,14 +72,14 @@ def start_local_ray(num_cpus: int, **init_kwargs: Any) -> None:
 
     Ray Train starts a placement-group cleaner beside every training run that asks the State
     API each second whether the run's controller is alive, and removes the run's placement
-    group (killing its workers) when the answer is no. With no address, the State API client
-    finds "the" local Ray through /tmp/ray/ray_current_cluster: the one started last on the
-    machine. So a second local Ray (another pipeline, tests, `ray start --head` for
-    `ray job submit`) made the cleaner ask the wrong cluster, hear "no such actor", and kill a
-    healthy training run (seen: an SFT run killed in epoch 2 when another local Ray started).
-    Without a dashboard there is no State API at all, and the cleaner logs a warning a second.
-    So: a dashboard on loopback at a port picked here, and every worker of this job pointed at
-    it (`RAY_API_SERVER_ADDRESS`, read before any auto-detection).
+    group (killing its workers) when the answer is no. The State API is served by the
+    dashboard; a worker of a Ray started without one asks http://127.0.0.1:8265, the default
+    dashboard address, and gets either "connection refused" (the cleaner then logs a warning
+    a second for the whole run) or, once any other Ray on the machine holds that port
+    (another job, the tests, `ray start --head` for `ray job submit`), that Ray's answer: "no
+    such actor", and a healthy run is killed (seen: an SFT run killed in epoch 2). So: a
+    dashboard on loopback at a port picked here, and every worker of this job pointed at it
+    (`RAY_API_SERVER_ADDRESS`, which the State API client reads before anything else).
     """
     import socket
 
