@@ -77,9 +77,11 @@ def start_local_ray(num_cpus: int, **init_kwargs: Any) -> None:
     dashboard address, and gets either "connection refused" (the cleaner then logs a warning
     a second for the whole run) or, once any other Ray on the machine holds that port
     (another job, the tests, `ray start --head` for `ray job submit`), that Ray's answer: "no
-    such actor", and a healthy run is killed (seen: an SFT run killed in epoch 2). So: a
-    dashboard on loopback at a port picked here, and every worker of this job pointed at it
-    (`RAY_API_SERVER_ADDRESS`, which the State API client reads before anything else).
+    such actor", and a healthy run is killed (seen: an SFT run killed in epoch 2). A dashboard
+    alone is not enough: with two Rays on the machine a worker's client finds both and gives up
+    ("Found multiple active Ray instances"). So: a dashboard on loopback at a port picked here,
+    and every worker of this job pointed at it (`RAY_API_SERVER_ADDRESS`, which the State API
+    client reads before anything else). tests/test_pipeline.py checks it with a second Ray up.
     """
     import socket
 

@@ -1,4 +1,5 @@
-"""How many Ray Train workers a training stage uses, shared by tokenize and SFT."""
+"""How many Ray Train workers a training stage uses (shared by tokenize, SFT and GRPO), and
+`say`, their workers' progress lines."""
 
 from __future__ import annotations
 

@@ -25,10 +25,18 @@ SLICE = [
 
 def test_local_ray_workers_ask_their_own_state_api(ray_local) -> None:
     """Ray Train's placement-group cleaner kills a run whose controller the State API does not
-    know; a worker of our local Ray must reach this Ray's State API, not the newest one on the
-    machine (`start_local_ray`)."""
+    know. With a second Ray (and its dashboard) on the machine, a worker of our local Ray must
+    still reach this Ray's State API (`start_local_ray`)."""
+    import subprocess
+    import sys
+
     import ray
     from ray.dashboard.utils import get_address_for_submission_client, ray_address_to_api_server_url
+
+    other = subprocess.Popen(  # lives until its stdin closes
+        [sys.executable, "-c", "import ray, sys; ray.init(address='local', num_cpus=1, include_dashboard=True, "
+         "dashboard_host='127.0.0.1'); print('up', flush=True); sys.stdin.read(); ray.shutdown()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     @ray.remote(num_cpus=0)
     class Probe:
@@ -39,11 +47,15 @@ def test_local_ray_workers_ask_their_own_state_api(ray_local) -> None:
             state = get_actor(me, timeout=30)
             return get_address_for_submission_client(None), state is not None and state.state == "ALIVE"
 
-    probe = Probe.remote()
+    probe = None
     try:
+        assert other.stdout.readline().strip() == "up", "the second Ray did not start"
+        probe = Probe.remote()
         address, alive = ray.get(probe.ask.remote(), timeout=120)
     finally:
-        ray.kill(probe)
+        if probe is not None:
+            ray.kill(probe)
+        other.communicate(timeout=60)
     # what this Ray's GCS says its State API is, asked by address (no auto-detection)
     assert address == ray_address_to_api_server_url(ray.get_runtime_context().gcs_address)
     assert alive
