@@ -16,6 +16,10 @@ It is faster than `generate` because it never repeats work across the beams of o
   cross-attention, so this is exact and the keys are never copied W times;
 * the first step runs on B rows (all beams start from the same decoder start token), and
   its self-attention keys/values stay B rows, broadcast to the beams, never copied;
+* the decoder's first self-attention sublayer sees only the decoder's own tokens (the start
+  token and the codes chosen so far), never the history, so its output is a function of the
+  trie prefix alone: `prefix_states` computes it once for every prefix and the search looks
+  it up (`_cached_prefix_states` keeps it while the weights and the trie stay the same);
 * the trie is a dense table per level, so masking the candidates is one gather;
 * on CPU the matrix products go to oneDNN (`_linear`), whose fp32 GEMM uses AVX-512 where
   MKL's (behind `F.linear`) may not: 2.2x the GFLOP/s on the AMD EPYC of our benchmarks
@@ -28,6 +32,7 @@ that every matrix product goes through `_linear`. Tests check both against HF's 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -148,21 +153,46 @@ def _encoder_states(model: T5ForConditionalGeneration, attention_mask: torch.Ten
     return _cross_kv(model, enc), _additive_mask(attention_mask, enc.dtype)
 
 
+def _self_attention_step(layer: nn.Module, h: torch.Tensor, b: int, w: int, pk: list[torch.Tensor],
+                         pv: list[torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
+    """T5LayerSelfAttention for one new position of W beams per history, cached; (N, d) -> (N, d).
+
+    h: (N, d), N = B * W; pk, pv: this layer's per-position keys/values (see `_decoder_step`),
+    this position's are appended; bias: (t + 1, 1, 1, H) relative position bias, t = len(pk).
+    """
+    att = layer.SelfAttention
+    x = layer.layer_norm(h)
+    q, k, v = (_linear(x, proj).view(b, w, att.n_heads, -1) for proj in (att.q, att.k, att.v))  # (B, W, H, dk)
+    pk.append(k)
+    pv.append(v)
+    # T5 does not scale q.k; the single new query may see every past position. Positions
+    # lead (dim 0): a softmax over a short last dim is slow, and weights[p] is contiguous.
+    logits = torch.stack([(q * kp).sum(-1) for kp in pk]) + bias  # (t + 1, B, W, H)
+    weights = torch.softmax(logits, dim=0).unsqueeze(-1)  # (t + 1, B, W, H, 1)
+    o = weights[0] * pv[0]
+    for p in range(1, len(pk)):
+        o += weights[p] * pv[p]
+    return h + _linear(o.view(b * w, -1), att.o)
+
+
 def _decoder_step(
     model: T5ForConditionalGeneration,
     tokens: torch.Tensor,
     past: list[Cache],
     cross: list[KV],
     cross_mask: torch.Tensor,
+    first: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One cached decoder step for W beams per history; appends this step's keys/values to `past`.
 
-    tokens: (B, W) int64, the token each beam consumes now (at position t = len(past[0][0])).
-    past: per layer (keys, values), each a list of t tensors (B, W_p, H, dk), one per earlier
-    position: W_p = 1 where the position is shared by all beams of a history (the start
-    token), else W_p = W. cross: `_cross_kv`'s per layer (keys (B, H, dk, S), values (B, H, S, dk));
-    cross_mask: (B, 1, 1, S) additive. Returns logits (B, W, V) for the next token.
-    Mirrors T5Stack/T5Block in eval mode (dropout is the identity there).
+    tokens: (B, W) int64, the token each beam consumes now (at position t, the number of
+    earlier positions). past: per layer (keys, values), each a list of t tensors (B, W_p, H, dk),
+    one per earlier position: W_p = 1 where the position is shared by all beams of a history
+    (the start token), else W_p = W. cross: `_cross_kv`'s per layer (keys (B, H, dk, S),
+    values (B, H, S, dk)); cross_mask: (B, 1, 1, S) additive. first: optional (B * W, d), the
+    first layer's self-attention output for these beams' prefixes (`prefix_states`): that
+    sublayer is then skipped and its cache, past[0], stays empty. Returns logits (B, W, V) for
+    the next token. Mirrors T5Stack/T5Block in eval mode (dropout is the identity there).
 
     Attention is written out by hand: with one query over at most sid_len keys (self) or W
     queries over S keys (cross), the products are tiny and a fused SDPA kernel's fixed cost per
@@ -171,27 +201,14 @@ def _decoder_step(
     """
     dec = model.decoder
     b, w = tokens.shape
-    h = dec.embed_tokens(tokens).view(b * w, -1)  # (N, d), N = B * W
-    t = len(past[0][0])
+    h = dec.embed_tokens(tokens).view(b * w, -1) if first is None else first  # (N, d), N = B * W
+    t = max(len(pk) for pk, _ in past)  # past[0] is empty when `first` stands in for layer 0
     # T5 shares layer 0's relative position bias across layers; one query at position t.
     bias = dec.block[0].layer[0].SelfAttention.compute_bias(1, t + 1, device=h.device, past_seen_tokens=t)
     bias = bias.view(-1, t + 1).t().reshape(t + 1, 1, 1, -1).to(h.dtype)  # (t + 1, 1, 1, H)
-    for block, (pk, pv), (ck, cv) in zip(dec.block, past, cross):
-        sa = block.layer[0]
-        att = sa.SelfAttention
-        x = sa.layer_norm(h)
-        n_heads = att.n_heads
-        q, k, v = (_linear(x, proj).view(b, w, n_heads, -1) for proj in (att.q, att.k, att.v))  # (B, W, H, dk)
-        pk.append(k)
-        pv.append(v)
-        # T5 does not scale q.k; the single new query may see every past position. Positions
-        # lead (dim 0): a softmax over a short last dim is slow, and weights[p] is contiguous.
-        logits = torch.stack([(q * kp).sum(-1) for kp in pk]) + bias  # (t + 1, B, W, H)
-        weights = torch.softmax(logits, dim=0).unsqueeze(-1)  # (t + 1, B, W, H, 1)
-        o = weights[0] * pv[0]
-        for p in range(1, t + 1):
-            o += weights[p] * pv[p]
-        h = h + _linear(o.view(b * w, -1), att.o)
+    for i, (block, (pk, pv), (ck, cv)) in enumerate(zip(dec.block, past, cross)):
+        if i > 0 or first is None:
+            h = _self_attention_step(block.layer[0], h, b, w, pk, pv, bias)
 
         ca = block.layer[1]
         att = ca.EncDecAttention
@@ -205,6 +222,106 @@ def _decoder_step(
     if getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings):
         h = h * (model.config.d_model**-0.5)
     return _linear(h, model.lm_head).view(b, w, -1)
+
+
+# Prefix states for a catalogue larger than this are not built (the search computes the layer).
+PREFIX_STATES_MAX_BYTES = 256 * 2**20
+
+
+def _first_layer_weights(model: T5ForConditionalGeneration) -> tuple[torch.Tensor, ...]:
+    """Every weight the decoder's first self-attention sublayer reads, the embedding included."""
+    sa = model.decoder.block[0].layer[0]
+    att = sa.SelfAttention
+    return (model.decoder.embed_tokens.weight, sa.layer_norm.weight, att.q.weight, att.k.weight, att.v.weight,
+            att.o.weight, att.relative_attention_bias.weight)
+
+
+@torch.no_grad()
+def prefix_states(model: T5ForConditionalGeneration, trie: SidTrie, vocab: SidVocab,
+                  chunk: int = 16384) -> list[torch.Tensor]:
+    """The decoder's first self-attention sublayer (residual included, eval mode) at the last
+    position of every trie prefix: per level l, (n_nodes_l, d), row = the trie node id, for the
+    decoder input [start token, the prefix's l code tokens].
+
+    That sublayer reads only the decoder's own tokens, so this is what `_decoder_step` computes
+    for a beam at that node, whatever the history. Costs one pass over all trie prefixes.
+    """
+    dec = model.decoder
+    sa = dec.block[0].layer[0]
+    att = sa.SelfAttention
+    device = dec.embed_tokens.weight.device
+    seqs = torch.full((1, 1), PAD, dtype=torch.long, device=device)  # level 0: the start token alone
+    states = []
+    for level in range(vocab.sid_len):
+        t = seqs.shape[1] - 1
+        bias = att.compute_bias(1, t + 1, device=device, past_seen_tokens=t).view(-1, t + 1).t()  # (T, H)
+        out = []
+        for part in seqs.split(chunk):
+            e = dec.embed_tokens(part)  # (n, T, d)
+            x = sa.layer_norm(e)
+            n = part.shape[0]
+            q = _linear(x[:, -1], att.q).view(n, 1, att.n_heads, -1)  # (n, 1, H, dk)
+            k, v = (_linear(x, proj).view(n, t + 1, att.n_heads, -1) for proj in (att.k, att.v))  # (n, T, H, dk)
+            weights = torch.softmax((q * k).sum(-1) + bias.to(e.dtype), dim=1).unsqueeze(-1)  # (n, T, H, 1)
+            out.append(e[:, -1] + _linear((weights * v).sum(1).view(n, -1), att.o))
+        states.append(torch.cat(out))
+        if level + 1 < vocab.sid_len:  # the prefixes one code longer, in child-id order
+            table = trie.children[level].to(device)
+            parent, code = (table >= 0).nonzero(as_tuple=True)
+            child = table[parent, code].long()
+            longer = torch.empty(int(child.max()) + 1, t + 2, dtype=torch.long, device=device)
+            longer[child] = torch.cat([seqs[parent], (code + vocab.level_offset(level)).unsqueeze(1)], dim=1)
+            seqs = longer
+    return states
+
+
+@dataclass(eq=False)
+class _PrefixEntry:
+    trie: weakref.ref
+    weights: tuple[torch.Tensor, ...]  # copies of `_first_layer_weights` when this entry was made
+    states: list[torch.Tensor] | None = None
+
+
+# model -> the trie and first-layer weights its last search saw, and their prefix states once built.
+_PREFIX_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cached_prefix_states(model: T5ForConditionalGeneration, trie: SidTrie, vocab: SidVocab,
+                          build_now: bool = False) -> list[torch.Tensor] | None:
+    """`prefix_states` for this model and trie, built on the second search that finds the same
+    trie and the same first-layer weights (or at once with `build_now`), kept until either
+    changes; None before that.
+
+    Waiting for the second call keeps a caller that changes the weights between searches (GRPO
+    rollouts) from paying for states it uses once; evaluation, validation and serving decode
+    many batches with the same weights. "The same weights" is compared by value against a copy
+    (about 0.1 ms): version counters miss updates written through another view of the storage,
+    as DeepSpeed's flattened parameter buffers are. None as well where the weights are not plain
+    full tensors (ZeRO-3's partitioned placeholders) or the states would exceed
+    PREFIX_STATES_MAX_BYTES.
+    """
+    weights = _first_layer_weights(model)
+    if model.decoder.embed_tokens.weight.shape[0] != vocab.vocab_size or any(w.numel() == 0 for w in weights):
+        return None
+    if sum(int(c.shape[0]) for c in trie.children) * model.config.d_model * 4 > PREFIX_STATES_MAX_BYTES:
+        return None
+    entry = _PREFIX_CACHE.get(model)
+    if entry is None or entry.trie() is not trie or not all(map(torch.equal, entry.weights, weights)):
+        entry = _PrefixEntry(weakref.ref(trie), tuple(w.detach().clone() for w in weights))
+        _PREFIX_CACHE[model] = entry
+        if not build_now:
+            return None
+    if entry.states is None:
+        entry.states = prefix_states(model, trie, vocab)
+    return entry.states
+
+
+def prepare(model: SidRecommender, trie: SidTrie) -> bool:
+    """Build the search's prefix states for this model and trie now, so that no search pays for
+    them (tens of milliseconds for thousands of items): serving and evaluation call this once
+    they hold the model and the trie, and again after adding items. False where the search
+    does not use them (see `_cached_prefix_states`)."""
+    return _cached_prefix_states(model.t5, trie, model.vocab, build_now=True) is not None
 
 
 def _reorder(past: list[Cache], beam: torch.Tensor) -> list[Cache]:
@@ -275,6 +392,7 @@ def beam_search(
     """
     _check_inputs(model, trie, vocab, input_ids, attention_mask, beam_size, top_k, exclude)
     device = model.lm_head.weight.device
+    states = _cached_prefix_states(model, trie, vocab)
     if trie.children[0].device != device:
         trie = trie.to(device)  # callers that decode often should move the trie once
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -293,7 +411,8 @@ def beam_search(
         rows = torch.arange(b, device=device).unsqueeze(1)
         for level in range(vocab.sid_len):
             last = level == vocab.sid_len - 1
-            logits = _decoder_step(model, tokens, past, cross, cross_mask)
+            first = None if states is None else states[level][nodes.view(-1).clamp(min=0)]  # dead beams: any row
+            logits = _decoder_step(model, tokens, past, cross, cross_mask, first)
             w, size, offset = tokens.shape[1], vocab.level_size(level), vocab.level_offset(level)
             # Normalise over the full vocabulary first, then keep this level's token range:
             # the same numbers HF's constrained beam search adds up.

@@ -54,6 +54,7 @@ class GenerativeRanker:
     def __init__(self, model_dir: str, trie_uri: str, beam_size: int, top_k: int, exclude_seen: bool,
                  max_history: int, threads: int = 0, dense_weight: float = 0.0) -> None:
         from digr import storage
+        from digr.decode import prepare
         from digr.sft import load_model
         from digr.trie import SidTrie
 
@@ -62,6 +63,7 @@ class GenerativeRanker:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(model_dir).to(self.device).eval()
         self.trie = SidTrie.from_bytes(storage.read_bytes(trie_uri)).to(self.device)
+        prepare(self.model, self.trie)  # the decoder's per-trie tables, built once per actor
         self.n_items = self.model.n_items
         self.beam_size, self.top_k, self.exclude_seen, self.max_history = beam_size, top_k, exclude_seen, max_history
         self.dense_weight = dense_weight

@@ -72,6 +72,7 @@ class Recommender:
         import ray
 
         from digr import storage
+        from digr.decode import prepare
         from digr.sft import load_model
         from digr.trie import SidTrie
 
@@ -85,6 +86,7 @@ class Recommender:
         self.log = addition_log(log_name, self.model.n_items, additions_dir) if log_name else None
         if self.log is not None:  # a replica started after items were added serves them too
             self._apply(ray.get(self.log.since.remote(self.model.n_items)))
+        prepare(self.model, self.trie)  # the decoder's per-trie tables, so that no request builds them
 
     def info(self) -> dict[str, Any]:
         return {"model_version": self.version, "max_history": self.max_history, "n_items": self.model.n_items,
@@ -93,6 +95,8 @@ class Recommender:
     def _apply(self, batches: list[Any]) -> None:
         """New items (`Addition`s: SIDs from the frozen tokenizer, content vectors) appended as
         the next item_idx values: the trie and the model's item tables grow, no restart."""
+        from digr.decode import prepare
+
         for b in batches:
             if b.start < self.model.n_items:
                 continue  # applied already (batches are whole, so start < n_items means all of it)
@@ -101,6 +105,7 @@ class Recommender:
             codes = torch.tensor(b.sids, dtype=torch.long)
             self.model.add_items(self.model.vocab.encode(codes), torch.tensor(b.vectors, dtype=torch.float32))
             self.trie = self.trie.add(codes.numpy())
+        prepare(self.model, self.trie)  # the decoder's tables for the new trie (a no-op if nothing changed)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def recommend_batch(self, requests: list[tuple[list[int], list[int], int, int]]

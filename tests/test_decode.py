@@ -15,7 +15,7 @@ from transformers import T5ForConditionalGeneration
 
 from digr import decode
 from digr.decode import _encode, _linear, beam_search
-from digr.seqmodel import PAD, ModelConfig, SidVocab, build_t5, encode_histories
+from digr.seqmodel import PAD, ModelConfig, SidRecommender, SidVocab, build_t5, encode_histories
 from digr.trie import SidTrie
 
 VOCAB = SidVocab(levels=3, codebook_size=4, suffix_size=2)
@@ -142,7 +142,9 @@ def test_runs_in_eval_mode_and_restores_training(model, trie, inputs) -> None:
         assert model.training
     finally:
         model.eval()
-    assert torch.equal(got.items, want.items) and torch.equal(got.scores, want.scores)
+    # Close, not equal: the second call may look the first layer up in the prefix states.
+    assert torch.equal(got.items, want.items)
+    torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=0)
 
 
 def test_bad_arguments_raise(model, trie, inputs) -> None:
@@ -183,3 +185,85 @@ def test_beam_search_same_without_onednn(model, trie, inputs, monkeypatch) -> No
     plain = beam_search(model, trie, VOCAB, ids, mask, beam_size=5, top_k=4)
     assert torch.equal(fast.items, plain.items)
     torch.testing.assert_close(fast.scores, plain.scores, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_prefix_states_match_hf_first_layer(model, trie) -> None:
+    """Row `node` of states[l] is HF's first decoder self-attention sublayer output at the last
+    position of [start, that node's l code tokens], whatever the encoder input."""
+    states = decode.prefix_states(model, trie, VOCAB)
+    assert [s.shape for s in states] == [(c.shape[0], model.config.d_model) for c in trie.children]
+    captured = []
+    hook = model.decoder.block[0].layer[0].register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
+    try:
+        tokens = VOCAB.encode(CODES)
+        dec_in = torch.cat([torch.full((len(CODES), 1), PAD), tokens[:, :-1]], dim=1)
+        ids = torch.randint(1, VOCAB.vocab_size, (len(CODES), 4))  # any history: the layer must not see it
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec_in)
+    finally:
+        hook.remove()
+    hf = captured[0]  # (N_items, sid_len, d)
+    nodes = torch.zeros(len(CODES), dtype=torch.long)
+    for level in range(VOCAB.sid_len):
+        torch.testing.assert_close(states[level][nodes], hf[:, level], atol=1e-5, rtol=1e-5)
+        if level + 1 < VOCAB.sid_len:
+            nodes = trie.step(level, nodes, CODES[:, level])
+
+
+def test_search_builds_prefix_states_on_the_second_call_and_drops_them_on_change(trie, inputs) -> None:
+    torch.manual_seed(1)
+    cfg = ModelConfig(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2)
+    model = build_t5(VOCAB, cfg).eval()
+    ids, mask = inputs
+    exact = brute_force(model, ids, mask).topk(6, dim=1)
+    for call in range(2):  # the first computes the layer, the second builds the states and uses them
+        got = beam_search(model, trie, VOCAB, ids, mask, beam_size=12, top_k=6)
+        assert (decode._PREFIX_CACHE[model].states is not None) == (call == 1)
+        assert got.items.tolist() == exact.indices.tolist()
+        torch.testing.assert_close(got.scores, exact.values, atol=1e-4, rtol=0)
+
+    with torch.no_grad():  # an in-place update (as an optimizer step does) must not reuse old states
+        model.decoder.block[0].layer[0].SelfAttention.v.weight.mul_(-3.0)
+    changed = brute_force(model, ids, mask).topk(6, dim=1)
+    assert changed.indices.tolist() != exact.indices.tolist(), "the change should move the ranking"
+    for call in range(2):
+        got = beam_search(model, trie, VOCAB, ids, mask, beam_size=12, top_k=6)
+        assert (decode._PREFIX_CACHE[model].states is not None) == (call == 1)
+        assert got.items.tolist() == changed.indices.tolist()
+        torch.testing.assert_close(got.scores, changed.values, atol=1e-4, rtol=0)
+
+    # DeepSpeed keeps parameters as views of one flat buffer and writes the buffer: the
+    # parameter's own version counter does not move, its values do.
+    weight = model.decoder.block[0].layer[0].SelfAttention.q.weight
+    flat = weight.detach().clone().view(-1)
+    weight.data = flat.view_as(weight)
+    for call in range(3):
+        beam_search(model, trie, VOCAB, ids, mask, beam_size=12, top_k=6)
+        if call == 1:
+            assert decode._PREFIX_CACHE[model].states is not None
+            with torch.no_grad():
+                flat.mul_(-2.0)
+    assert decode._PREFIX_CACHE[model].states is None, "states built for the old values were kept"
+    got = beam_search(model, trie, VOCAB, ids, mask, beam_size=12, top_k=6)
+    want = brute_force(model, ids, mask).topk(6, dim=1)
+    assert got.items.tolist() == want.indices.tolist()
+
+    other = SidTrie.from_codes(CODES, VOCAB)  # the same codes, another trie object (e.g. after `add`)
+    beam_search(model, trie, VOCAB, ids, mask, beam_size=12, top_k=6)
+    beam_search(model, other, VOCAB, ids, mask, beam_size=12, top_k=6)
+    assert decode._PREFIX_CACHE[model].states is None
+
+
+def test_prepare_builds_the_states_at_once_and_recommend_uses_them(trie) -> None:
+    torch.manual_seed(2)
+    cfg = ModelConfig(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2,
+                      content_features=False)
+    rec = SidRecommender(VOCAB, cfg, VOCAB.encode(CODES)).eval()
+    first = decode.recommend(rec, trie, HISTORIES, max_history=10, beam_size=12, top_k=6)  # without states
+    assert decode.prepare(rec, trie)
+    states = decode._PREFIX_CACHE[rec.t5].states
+    assert states is not None
+    got = decode.recommend(rec, trie, HISTORIES, max_history=10, beam_size=12, top_k=6)
+    assert decode._PREFIX_CACHE[rec.t5].states is states  # used, not rebuilt
+    assert got.items.tolist() == first.items.tolist()
+    torch.testing.assert_close(got.scores, first.scores, atol=1e-5, rtol=0)
