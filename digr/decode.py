@@ -301,7 +301,7 @@ def _cached_prefix_states(model: T5ForConditionalGeneration, trie: SidTrie, voca
     PREFIX_STATES_MAX_BYTES.
     """
     weights = _first_layer_weights(model)
-    if model.decoder.embed_tokens.weight.shape[0] != vocab.vocab_size or any(w.numel() == 0 for w in weights):
+    if any(w.numel() == 0 for w in weights):
         return None
     if sum(int(c.shape[0]) for c in trie.children) * model.config.d_model * 4 > PREFIX_STATES_MAX_BYTES:
         return None
