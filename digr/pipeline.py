@@ -5,7 +5,9 @@ name, or when the embed stage reads their output (`embed.evidence`: "caption", "
 IEID). They are off by default because they are slow on 2 CPU cores.
 
 Each stage is a function `(stage_dir) -> info` run through `Run.stage`, which skips it when
-its inputs, config and code are unchanged, and resumes it when it was killed part-way.
+its inputs, config and code are unchanged, and resumes it when it was killed part-way. A
+stage's code is the package function it calls, what that can run (`digr.codekey`), and
+`run_pipeline` itself.
 A stage job (`python -m jobs.sft`) runs the pipeline up to that stage: upstream stages
 that are already finished cost nothing.
 """
@@ -111,11 +113,12 @@ def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",
     from digr import stages
 
     init_ray(cfg.ray)
-    run = Run(output, cfg, log=log)
+    run = Run(output, cfg, log=log, code_context=(run_pipeline,))
     wanted = STAGES[: STAGES.index(until) + 1]
     try:
         inputs = {os.path.basename(p): file_hash(p) for p in stages.ingest_inputs(cfg.ingest)}
-        run.stage("ingest", cfg.ingest, lambda d: stages.ingest_stage(cfg.ingest, d), inputs=inputs)
+        run.stage("ingest", cfg.ingest, lambda d: stages.ingest_stage(cfg.ingest, d), inputs=inputs,
+                  code=stages.ingest_stage)
         # Evidence stages run when enabled, when a job asks for them, or when embed reads them (IEID).
         needs_caption = "caption" in cfg.embed.evidence and "embed" in wanted
         needs_intents = "intents" in cfg.embed.evidence and "embed" in wanted
@@ -125,13 +128,13 @@ def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",
             from digr.images import images_stage
 
             run.stage("images", cfg.images, lambda d: images_stage(cfg.images, run.path("ingest"), d),
-                      depends=("ingest",))
+                      depends=("ingest",), code=images_stage)
         if until == "caption" or ("caption" in wanted and (cfg.caption.enabled or needs_caption)):
             from digr.caption import caption_stage
 
             run.stage("caption", cfg.caption,
                       lambda d: caption_stage(cfg.caption, run.path("ingest"), run.path("images"), d),
-                      depends=("ingest", "images"))
+                      depends=("ingest", "images"), code=caption_stage)
         mine_runs = until in ("mine", "label") or ("mine" in wanted and (cfg.mine.enabled or needs_intents))
         if mine_runs:
             from digr.mine import load_prompt, mine_stage
@@ -140,13 +143,13 @@ def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",
             # the prompt's version is an input because the code hash covers *.py files only.
             run.stage("mine", cfg.mine,
                       lambda d: mine_stage(cfg.mine, run.path("ingest"), d, run.path("mine_cache")),
-                      depends=("ingest",), inputs={"prompt": load_prompt(cfg.mine.prompt).version})
+                      depends=("ingest",), inputs={"prompt": load_prompt(cfg.mine.prompt).version}, code=mine_stage)
         if mine_runs and "label" in wanted:
             from digr.label import label_stage
 
             judges = {"judge_prompt": load_prompt(cfg.label.judge_prompt).version} if cfg.label.judges else {}
             run.stage("label", cfg.label, lambda d: label_stage(cfg.label, run.path("ingest"), run.path("mine"), d),
-                      depends=("ingest", "mine"), inputs=judges)
+                      depends=("ingest", "mine"), inputs=judges, code=label_stage)
         embed_info: dict[str, Any] = {}
         if "embed" in wanted:
             evidence = ((("caption",) if needs_caption else ()) + (("mine", "label") if needs_intents else ())
@@ -157,16 +160,16 @@ def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",
                                        run.path("mine") if needs_intents else None,
                                        run.path("label") if needs_intents else None,
                                        run.path("images") if needs_image else None),
-                                   depends=("ingest", *evidence))
+                                   depends=("ingest", *evidence), code=stages.embed_stage)
         if "tokenize" in wanted:
             image_dim = int(embed_info.get("stats", {}).get("image_dim", 0))
             run.stage("tokenize", cfg.tokenize,
                       lambda d: stages.tokenize_stage(cfg.tokenize, run.path("embed"), d, image_dim),
-                      depends=("embed",))
+                      depends=("embed",), code=stages.tokenize_stage)
         if "sft" in wanted:
             run.stage("sft", cfg.sft,
                       lambda d: stages.sft_stage(cfg.sft, run.path("ingest"), run.path("embed"), run.path("tokenize"), d),
-                      depends=("ingest", "embed", "tokenize"))
+                      depends=("ingest", "embed", "tokenize"), code=stages.sft_stage)
         grpo_runs = until == "grpo" or ("grpo" in wanted and cfg.grpo.enabled)
         if grpo_runs:
             if cfg.grpo.max_history != cfg.sft.max_history:
@@ -175,14 +178,16 @@ def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",
             run.stage("grpo", cfg.grpo,
                       lambda d: stages.grpo_stage(cfg.grpo, run.path("ingest"), run.path("sft"),
                                                   run.path("label") if label else None, d),
-                      depends=("ingest", "sft", *(("label",) if label else ())))
+                      depends=("ingest", "sft", *(("label",) if label else ())),
+                      code=stages.grpo_stage)
         result: dict[str, Any] = {}
         if "evaluate" in wanted:
             info = run.stage("evaluate", cfg.evaluate,
                              lambda d: stages.evaluate_stage(cfg.evaluate, run.path("ingest"), run.path("tokenize"),
                                                              run.path("sft"), d, cfg.sft.max_history,
                                                              run.path("grpo") if grpo_runs else None),
-                             depends=("ingest", "tokenize", "sft", *(("grpo",) if grpo_runs else ())))
+                             depends=("ingest", "tokenize", "sft", *(("grpo",) if grpo_runs else ())),
+                             code=stages.evaluate_stage)
             result = info["metrics"]
             final = "generative_grpo" if grpo_runs else "generative"  # the model the run ends with
             storage.write_json(run.path("metrics.json"), {**result[final], "final_model": final, "models": result})

@@ -2,7 +2,8 @@
 
 A run directory holds one sub-directory per stage plus `manifest.json`. A stage is keyed by
 sha256(stage name, its config, the keys of the stages it reads, hashes of its input files,
-the code version). On a re-run:
+its code): the code is what the stage's function can run (`digr.codekey`), so an edit to
+evaluation code re-runs evaluation, not training. On a re-run:
 - `<stage>/_SUCCESS.json` holds the same key  -> the stage is skipped (its recorded info reused);
 - `<stage>/_STARTED.json` holds the same key  -> it was killed part-way: the stage runs again
   in the same folder, so a stage that checkpoints (SFT) resumes from its last checkpoint;
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from digr import storage
+from digr.codekey import Package, code_hash
 from digr.config import config_hash, to_dict
 
 _PKG_ROOT = Path(__file__).resolve().parent
@@ -82,16 +84,24 @@ class StageRecord:
     skipped: bool
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
+    code: str = ""
 
 
 class Run:
-    """A run directory (local or s3://) and the record of what each stage did in it."""
+    """A run directory (local or s3://) and the record of what each stage did in it.
 
-    def __init__(self, run_dir: str, config: Any, log: Callable[[str], None] = print) -> None:
+    code_context: functions whose own definitions count in every stage's code key (the
+    pipeline that wires the stages together), without what they import.
+    """
+
+    def __init__(self, run_dir: str, config: Any, log: Callable[[str], None] = print,
+                 code_context: tuple[Callable[..., Any], ...] = ()) -> None:
         self.dir = storage.absolute(run_dir)
         self.config = config
         self.log = log
         self.code = code_version()
+        self.code_context = code_context
+        self._package = Package(_PKG_ROOT.parent, _PKG_ROOT.name)  # parsed afresh per run: files may change
         self.records: dict[str, StageRecord] = {}
         self.input_hashes: dict[str, str] = {}
         self.started = time.time()
@@ -100,13 +110,20 @@ class Run:
     def path(self, *parts: str) -> str:
         return storage.join(self.dir, *parts)
 
-    def stage_key(self, name: str, cfg: Any, depends: tuple[str, ...], inputs: dict[str, str]) -> str:
+    def code_key(self, code: Callable[..., Any] | None) -> str:
+        """The code part of a stage key: what `code` (the stage's function) can run, or the
+        whole package's source where a stage names no function."""
+        if code is None:
+            return self.code["source_hash"]
+        return code_hash(code, self._package, self.code_context)
+
+    def stage_key(self, name: str, cfg: Any, depends: tuple[str, ...], inputs: dict[str, str], code: str) -> str:
         payload = {
             "stage": name,
             "config": config_hash(cfg),
             "depends": {d: self.records[d].key for d in depends},
             "inputs": inputs,
-            "code": self.code["source_hash"],
+            "code": code,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -117,16 +134,19 @@ class Run:
         fn: Callable[[str], dict[str, Any]],
         depends: tuple[str, ...] = (),
         inputs: dict[str, str] | None = None,
+        code: Callable[..., Any] | None = None,
     ) -> dict[str, Any]:
-        """Run `fn(stage_dir) -> info` unless a finished run with the same key is there."""
+        """Run `fn(stage_dir) -> info` unless a finished run with the same key is there.
+        code: the package function `fn` calls (a module-level def), whose code keys the stage."""
         inputs = inputs or {}
         self.input_hashes.update({f"{name}:{k}": v for k, v in inputs.items()})
-        key = self.stage_key(name, cfg, depends, inputs)
+        code_key = self.code_key(code)
+        key = self.stage_key(name, cfg, depends, inputs, code_key)
         sdir = self.path(name)
         done, started = storage.join(sdir, "_SUCCESS.json"), storage.join(sdir, "_STARTED.json")
         if storage.exists(done) and storage.read_json(done).get("key") == key:
             info = storage.read_json(done)["info"]
-            self.records[name] = StageRecord(name, key, True, 0.0, info)
+            self.records[name] = StageRecord(name, key, True, 0.0, info, code_key)
             self.log(f"[{name}] up to date (key {key}), skipped")
             return info
         if storage.exists(sdir) and not (storage.exists(started) and storage.read_json(started).get("key") == key):
@@ -141,7 +161,7 @@ class Run:
         info = fn(sdir)
         seconds = time.time() - t0
         storage.write_json(done, {"key": key, "info": info, "seconds": seconds, "config": to_dict(cfg)})
-        self.records[name] = StageRecord(name, key, False, seconds, info)
+        self.records[name] = StageRecord(name, key, False, seconds, info, code_key)
         self.log(f"[{name}] done in {seconds:.1f} s")
         return info
 
@@ -155,7 +175,8 @@ class Run:
             "argv": sys.argv,
             "input_hashes": self.input_hashes,
             "stages": {
-                n: {"key": r.key, "skipped": r.skipped, "seconds": round(r.seconds, 2), **_summary(r.info)}
+                n: {"key": r.key, "code": r.code, "skipped": r.skipped, "seconds": round(r.seconds, 2),
+                    **_summary(r.info)}
                 for n, r in self.records.items()
             },
             "wall_seconds": round(time.time() - self.started, 2),
