@@ -7,8 +7,9 @@ editing `digr/evaluate.py` re-runs the evaluate stage only, while editing `digr/
 re-runs ingest and, through the stage keys chained by `depends`, everything after it.
 
 Source is compared as syntax trees without docstrings: comments, formatting, docstrings and
-the order of definitions do not count; any other edit does. Files that are not Python (prompt
-templates, data) are not covered: prompts are versioned by file name, which configs name.
+the order of definitions in the stage's own file do not count; any other edit does (and a
+new Python version, whose syntax trees print differently). Files that are not Python (prompt
+templates, data) are not covered: the pipeline passes their hashes as the stages' inputs.
 
 Written here rather than taken from a library: `modulefinder` executes nothing but follows
 every third-party import too (slow, and third-party versions belong to the manifest), and
@@ -28,31 +29,33 @@ _DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
 
 class Package:
-    """The parsed modules of one package, found under `root` (the folder holding `name/`)."""
+    """The modules of one package under `root` (the folder holding `name/`), read once, when
+    this is made: a run keys every stage on the source as it was when the run started (the
+    code it imported then), even if a file is edited while it runs."""
 
     def __init__(self, root: Path, name: str) -> None:
         self.root = root
         self.name = name
+        self._source: dict[str, tuple[Path, bytes]] = {}
+        for path in sorted((root / name).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            self._source[module] = (path, path.read_bytes())
         self._tree = cache(self._parse)
 
     def file(self, module: str) -> Path | None:
         """The source file of a dotted module name of this package; None if there is none."""
-        if module.split(".")[0] != self.name:
-            return None
-        base = self.root.joinpath(*module.split("."))
-        for path in (base.with_suffix(".py"), base / "__init__.py"):
-            if path.is_file():
-                return path
-        return None
+        found = self._source.get(module)
+        return found[0] if found else None
 
     def tree(self, module: str) -> ast.Module:
         return self._tree(module)
 
     def _parse(self, module: str) -> ast.Module:
-        path = self.file(module)
-        if path is None:
+        if module not in self._source:
             raise ValueError(f"{module!r} is not a module of package {self.name!r} under {self.root}")
-        return _without_docstrings(ast.parse(path.read_text(), filename=str(path)))
+        path, source = self._source[module]
+        return _without_docstrings(ast.parse(source, filename=str(path)))  # bytes: the file's own encoding
 
     def imports(self, node: ast.AST, module: str) -> set[str]:
         """Package modules imported anywhere under `node` (found in `module`), with the

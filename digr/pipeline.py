@@ -125,16 +125,21 @@ def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",
         needs_image = "image" in cfg.embed.evidence and "embed" in wanted
         if until in ("images", "caption") or ("images" in wanted and (cfg.images.enabled or needs_caption
                                                                       or needs_image)):
-            from digr.images import images_stage
+            from digr.images import LABELS_FILE, images_stage
 
+            # Files the stages read that are not Python (so not in their code key) are inputs.
             run.stage("images", cfg.images, lambda d: images_stage(cfg.images, run.path("ingest"), d),
-                      depends=("ingest",), code=images_stage)
+                      depends=("ingest",), inputs={"imagenet_classes": file_hash(str(LABELS_FILE))},
+                      code=images_stage)
         if until == "caption" or ("caption" in wanted and (cfg.caption.enabled or needs_caption)):
             from digr.caption import caption_stage
+            from digr.mine import load_prompt
 
+            prompts = {"prompt": load_prompt(cfg.caption.prompt).version,
+                       "vlm_prompt": load_prompt(cfg.caption.vlm_prompt).version}
             run.stage("caption", cfg.caption,
                       lambda d: caption_stage(cfg.caption, run.path("ingest"), run.path("images"), d),
-                      depends=("ingest", "images"), code=caption_stage)
+                      depends=("ingest", "images"), inputs=prompts, code=caption_stage)
         mine_runs = until in ("mine", "label") or ("mine" in wanted and (cfg.mine.enabled or needs_intents))
         if mine_runs:
             from digr.mine import load_prompt, mine_stage

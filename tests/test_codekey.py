@@ -135,3 +135,35 @@ def test_the_pipeline_stages_reach_only_their_own_modules() -> None:
 def test_relative_imports_resolve_from_modules_and_packages(tmp_path) -> None:
     pkg = _write(tmp_path, **{"sub/__init__.py": "from . import inner\n", "sub/inner.py": "from .. import c\n"})
     assert pkg.closure(["pkg.sub"]) == {"pkg", "pkg.sub", "pkg.sub.inner", "pkg.c"}
+
+
+def test_source_is_read_once_so_an_edit_during_a_run_does_not_relabel_it(tmp_path) -> None:
+    pkg = _write(tmp_path)
+    key = code_hash(_ref("stage_two"), pkg)
+    (tmp_path / "pkg" / "d.py").write_text("X = 2\n")  # edited after the run started
+    assert code_hash(_ref("stage_two"), pkg) == key
+    assert code_hash(_ref("stage_two"), Package(tmp_path, "pkg")) != key  # the next run sees it
+
+
+def test_context_counts_its_own_definition_only(tmp_path) -> None:
+    glue = FILES["glue.py"] + "\ndef orchestrate():\n    from pkg import d\n    return stage_one() + 1\n"
+    base = code_hash(_ref("stage_three"), _write(tmp_path / "a", **{"glue.py": glue}), [_ref("orchestrate")])
+    edited = glue.replace("stage_one() + 1", "stage_one() + 2")
+    assert code_hash(_ref("stage_three"), _write(tmp_path / "b", **{"glue.py": edited}), [_ref("orchestrate")]) != base
+    # ... but not what it imports: d is the stages' business
+    assert code_hash(_ref("stage_three"), _write(tmp_path / "c", **{"glue.py": glue, "d.py": "X = 2\n"}),
+                     [_ref("orchestrate")]) == base
+    with pytest.raises(ValueError, match="no module-level definition 'gone'"):
+        code_hash(_ref("stage_three"), _write(tmp_path / "d"), [_ref("gone")])
+
+
+def test_every_pipeline_stage_names_its_code() -> None:
+    import ast
+    import inspect
+
+    from digr import pipeline
+
+    calls = [node for node in ast.walk(ast.parse(inspect.getsource(pipeline.run_pipeline)))
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "stage"]
+    assert len(calls) == len(pipeline.STAGES)
+    assert all(any(k.arg == "code" for k in call.keywords) for call in calls)

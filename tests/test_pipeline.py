@@ -88,3 +88,37 @@ def test_pipeline_end_to_end_on_a_real_slice(ray_local, scientific_dir, tmp_path
     assert time.time() - t0 < 30
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(s["skipped"] for s in manifest["stages"].values())
+
+
+def test_evidence_stages_are_keyed_on_their_prompt_files(ray_local, scientific_dir, tmp_path, monkeypatch) -> None:
+    """Prompts are not Python, so not in a stage's code key: the caption stage's prompt content
+    is one of its inputs. The stage bodies are stand-ins here (keyed on the real code)."""
+    import digr.caption
+    import digr.images
+    from digr.mine import PROMPT_DIR
+
+    calls: list[str] = []
+
+    def stand_in(module: str, name: str):
+        def fn(*args: object) -> dict:
+            calls.append(name)
+            return {}
+        fn.__module__, fn.__qualname__ = module, name  # keyed as the real stage function
+        return fn
+
+    monkeypatch.setattr(digr.images, "images_stage", stand_in("digr.images", "images_stage"))
+    monkeypatch.setattr(digr.caption, "caption_stage", stand_in("digr.caption", "caption_stage"))
+    prompt = tmp_path / "caption_test.txt"
+    prompt.write_text((PROMPT_DIR / "caption_v1.txt").read_text())
+    cfg = load(PipelineConfig, None, [f"ingest.path={scientific_dir}", *SLICE[:3], f"caption.prompt={prompt}"])
+    out = str(tmp_path / "run")
+    for _ in range(2):
+        run_pipeline(cfg, out, until="caption", log=lambda _: None)
+    assert calls == ["images_stage", "caption_stage"]  # the second run skipped both
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert {"images:imagenet_classes", "caption:prompt", "caption:vlm_prompt"} <= set(manifest["input_hashes"])
+    assert all(manifest["stages"][s]["code"] for s in ("ingest", "images", "caption"))
+
+    prompt.write_text(prompt.read_text().replace("\n[user]\n", "\n[user]\nOne more line.\n", 1))
+    run_pipeline(cfg, out, until="caption", log=lambda _: None)
+    assert calls == ["images_stage", "caption_stage", "caption_stage"]  # edited in place: caption re-runs
