@@ -43,6 +43,14 @@ class Package:
             self._source[module] = (path, path.read_bytes())
         self._tree = cache(self._parse)
 
+    def source_hash(self) -> str:
+        """Hash of all of the package's Python source as read (the manifest's code version)."""
+        h = hashlib.sha256()
+        for path, source in sorted(self._source.values()):
+            h.update(path.relative_to(self.root / self.name).as_posix().encode())
+            h.update(source)
+        return h.hexdigest()[:16]
+
     def file(self, module: str) -> Path | None:
         """The source file of a dotted module name of this package; None if there is none."""
         found = self._source.get(module)

@@ -27,7 +27,7 @@ from digr.grpo import GRPOConfig
 from digr.images import ImagesConfig
 from digr.ingest import IngestConfig
 from digr.label import LabelConfig
-from digr.mine import MineConfig
+from digr.mine import MineConfig, load_prompt
 from digr.runs import Run, file_hash
 from digr.sft import SFTConfig
 from digr.tokenize import TokenizeConfig
@@ -133,7 +133,6 @@ def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",
                       code=images_stage)
         if until == "caption" or ("caption" in wanted and (cfg.caption.enabled or needs_caption)):
             from digr.caption import caption_stage
-            from digr.mine import load_prompt
 
             prompts = {"prompt": load_prompt(cfg.caption.prompt).version,
                        "vlm_prompt": load_prompt(cfg.caption.vlm_prompt).version}
@@ -142,7 +141,7 @@ def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",
                       depends=("ingest", "images"), inputs=prompts, code=caption_stage)
         mine_runs = until in ("mine", "label") or ("mine" in wanted and (cfg.mine.enabled or needs_intents))
         if mine_runs:
-            from digr.mine import load_prompt, mine_stage
+            from digr.mine import mine_stage
 
             # The reply cache sits beside the stage folder, which a changed stage key clears;
             # the prompt's version is an input because the code hash covers *.py files only.

@@ -32,17 +32,8 @@ RUN_OUTPUTS = ("metrics.json", "report.md")
 _VERSIONED = ("ray", "torch", "transformers", "sentence-transformers", "pyarrow", "numpy", "deepspeed", "vllm")
 
 
-def source_hash() -> str:
-    """Hash of the library's own source: a code change invalidates cached stages."""
-    h = hashlib.sha256()
-    for path in sorted(_PKG_ROOT.rglob("*.py")):
-        h.update(path.relative_to(_PKG_ROOT).as_posix().encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def code_version() -> dict[str, Any]:
-    info: dict[str, Any] = {"source_hash": source_hash()}
+def code_version(package: Package) -> dict[str, Any]:
+    info: dict[str, Any] = {"source_hash": package.source_hash()}
     try:
         repo = _PKG_ROOT.parent
         info["git_commit"] = subprocess.run(
@@ -99,9 +90,10 @@ class Run:
         self.dir = storage.absolute(run_dir)
         self.config = config
         self.log = log
-        self.code = code_version()
+        # The package's source, read once: every stage is keyed on the code as the run started.
+        self._package = Package(_PKG_ROOT.parent, _PKG_ROOT.name)
+        self.code = code_version(self._package)
         self.code_context = code_context
-        self._package = Package(_PKG_ROOT.parent, _PKG_ROOT.name)  # parsed afresh per run: files may change
         self.records: dict[str, StageRecord] = {}
         self.input_hashes: dict[str, str] = {}
         self.started = time.time()

@@ -97,6 +97,7 @@ class Recommender:
         the next item_idx values: the trie and the model's item tables grow, no restart."""
         from digr.decode import prepare
 
+        n_items = self.model.n_items
         for b in batches:
             if b.start < self.model.n_items:
                 continue  # applied already (batches are whole, so start < n_items means all of it)
@@ -105,7 +106,8 @@ class Recommender:
             codes = torch.tensor(b.sids, dtype=torch.long)
             self.model.add_items(self.model.vocab.encode(codes), torch.tensor(b.vectors, dtype=torch.float32))
             self.trie = self.trie.add(codes.numpy())
-        prepare(self.model, self.trie)  # the decoder's tables for the new trie (a no-op if nothing changed)
+        if self.model.n_items > n_items:
+            prepare(self.model, self.trie)  # the decoder's tables for the new trie
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def recommend_batch(self, requests: list[tuple[list[int], list[int], int, int]]
