@@ -52,6 +52,9 @@ class ServeConfig:
     # Ray actor options of every model replica, e.g. {num_gpus: 1} or {resources: {...}}; a Serve
     # config's `deployments: [{name: model_<variant>, ray_actor_options: ...}]` overrides per variant.
     model_ray_actor_options: dict[str, Any] = field(default_factory=dict)
+    # How long a model replica that is being stopped (scale-down, update, delete) may finish its
+    # requests before it is killed; also how long deleting a replica that never got a node takes.
+    model_graceful_shutdown_timeout_s: float = 20.0  # Ray Serve's default
 
     def __post_init__(self) -> None:
         if self.max_k < 1 or self.beam_size < 1:
@@ -61,6 +64,9 @@ class ServeConfig:
             raise ValueError(f"serve.variants: duplicate names {names}")
         if any(v.weight < 0 for v in self.variants) or (self.variants and sum(v.weight for v in self.variants) <= 0):
             raise ValueError("serve.variants: weights must be >= 0 with a positive sum")
+        if not self.model_graceful_shutdown_timeout_s >= 0:
+            raise ValueError(f"serve.model_graceful_shutdown_timeout_s must be >= 0, "
+                             f"got {self.model_graceful_shutdown_timeout_s}")
 
 
 def unit_hash(salt: str, key: str) -> float:

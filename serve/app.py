@@ -372,6 +372,7 @@ def build(args: dict[str, Any]) -> Any:
     log_name = "digr-items-" + hashlib.sha256(storage.absolute(cfg.run_dir).encode()).hexdigest()[:12]
     handles = {
         v.name: Recommender.options(name=f"model_{v.name}", max_queued_requests=cfg.max_queued_requests,
+                                    graceful_shutdown_timeout_s=cfg.model_graceful_shutdown_timeout_s,
                                     **({"ray_actor_options": dict(cfg.model_ray_actor_options)}
                                        if cfg.model_ray_actor_options else {})).bind(
             v.model_dir, trie, cfg.beam_size, max_history, cfg.max_batch_size, cfg.batch_wait_timeout_s, log_name,

@@ -269,6 +269,20 @@ def test_serve_app_over_http(ray_local, tmp_path) -> None:
                 ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
 
 
+@pytest.mark.parametrize("args, match", [
+    ({"max_k": 0}, "max_k >= 1"),
+    ({"variants": [{"name": "a", "model_dir": "x"}, {"name": "a", "model_dir": "y"}]}, "duplicate names"),
+    ({"variants": [{"name": "a", "model_dir": "x", "weight": -1}]}, "weights must be >= 0"),
+    ({"model_graceful_shutdown_timeout_s": -1}, "model_graceful_shutdown_timeout_s must be >= 0"),
+])
+def test_serve_config_errors_name_the_setting(args: dict, match: str) -> None:
+    from digr.config import from_dict
+    from digr.serving import ServeConfig
+
+    with pytest.raises(ValueError, match=match):
+        from_dict(ServeConfig, {"run_dir": "runs/x", **args})
+
+
 @pytest.mark.parametrize("path", ["serve/recommender.yaml", "serve/ab.yaml", "cluster/kuberay/rayservice.yaml"])
 def test_serve_configs_build_valid_serve_configs(path: str) -> None:
     import yaml
@@ -302,7 +316,9 @@ def test_model_not_ready_fails_readiness_and_requests_get_503_while_liveness_sta
     port = 18126
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"run_dir": run, "max_k": 5, "beam_size": 5,
-            "model_ray_actor_options": {"num_cpus": 0, "resources": {"digr_test_absent_node": 1}}}
+            "model_ray_actor_options": {"num_cpus": 0, "resources": {"digr_test_absent_node": 1}},
+            # Deleting a replica that never got a node waits this long (Serve's default: 20 s).
+            "model_graceful_shutdown_timeout_s": 1}
     # serve.run waits for every deployment to be RUNNING, which a model that cannot be placed
     # never is; `_run(_blocking=False)` (what serve.run wraps) deploys and returns.
     serve._run(build(args), _blocking=False, name="digr-unready", route_prefix="/")
