@@ -42,6 +42,9 @@ class Package:
             module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
             self._source[module] = (path, path.read_bytes())
         self._tree = cache(self._parse)
+        # Per module, shared by every stage's key: its dump and the package modules it imports.
+        self._dump = cache(lambda module: ast.dump(self._tree(module)))
+        self._module_imports = cache(lambda module: self.imports(self._tree(module), module))
 
     def source_hash(self) -> str:
         """Hash of all of the package's Python source as read (the manifest's code version)."""
@@ -58,6 +61,10 @@ class Package:
 
     def tree(self, module: str) -> ast.Module:
         return self._tree(module)
+
+    def dump(self, module: str) -> str:
+        """`ast.dump` of the module's tree (docstrings stripped), computed once."""
+        return self._dump(module)
 
     def _parse(self, module: str) -> ast.Module:
         if module not in self._source:
@@ -90,7 +97,7 @@ class Package:
             module = todo.pop()
             if module not in seen:
                 seen.add(module)
-                todo.extend(self.imports(self.tree(module), module) - seen)
+                todo.extend(self._module_imports(module) - seen)
         return seen
 
     def _absolute(self, node: ast.ImportFrom, module: str) -> str:
@@ -181,7 +188,7 @@ def code_hash(func: Callable[..., Any], pkg: Package, context: Iterable[Callable
         h.update(part.encode())
     for module in sorted(pkg.closure(modules)):
         h.update(module.encode())
-        h.update(ast.dump(pkg.tree(module)).encode())
+        h.update(pkg.dump(module).encode())
     for other in context:
         node = _top_level(pkg.tree(other.__module__)).get(other.__qualname__)
         if node is None:
