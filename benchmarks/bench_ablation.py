@@ -22,9 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from digr import storage
-from digr.config import load
-from digr.pipeline import PipelineConfig, run_pipeline
+from digr.pipeline.run import PipelineConfig, run_pipeline
+from digr.platform import storage
+from digr.platform.config import load
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "amazon-scientific"

@@ -1,4 +1,4 @@
-"""Constrained beam search: `digr.decode.beam_search` against Hugging Face `generate`.
+"""Constrained beam search: `digr.rec.decode.beam_search` against Hugging Face `generate`.
 
     .venv/bin/python benchmarks/bench_decode.py                     # TIGER-sized random T5, one position per item
     .venv/bin/python benchmarks/bench_decode.py --encoder-input sid_tokens   # TIGER's flattened SID-token input
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from transformers import T5ForConditionalGeneration
 
-from digr.decode import Cache, _decoder_step, _encoder_states, _reorder, prefix_states, recommend
-from digr.seqmodel import ENCODER_INPUTS, PAD, ModelConfig, SidRecommender, SidVocab
-from digr.sft import load_model
-from digr.trie import SidTrie
+from digr.rec.decode import Cache, _decoder_step, _encoder_states, _reorder, prefix_states, recommend
+from digr.rec.seqmodel import ENCODER_INPUTS, PAD, ModelConfig, SidRecommender, SidVocab
+from digr.rec.sft import load_model
+from digr.rec.trie import SidTrie
 
 
 def random_catalogue(n_items: int, vocab: SidVocab, collide: float, rng: np.random.Generator) -> np.ndarray:

@@ -41,15 +41,15 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="grpo config key=value")
     args = ap.parse_args()
 
-    from digr import storage
-    from digr.config import merge_dicts, from_dict, parse_overrides
-    from digr.evaluate import EvalConfig, rank_generative, score, test_rows
-    from digr.grpo import DeepSpeedSettings, GRPOConfig, run_grpo
-    from digr.metrics import EMPTY, write_predictions
-    from digr.pipeline import start_local_ray
-    from digr.rewards import RewardConfig
-    from digr.scaling import ScalingConfig
-    from digr.sft import load_model, save_model
+    from digr.data.metrics import EMPTY, write_predictions
+    from digr.eval.evaluate import EvalConfig, rank_generative, score, test_rows
+    from digr.pipeline.run import start_local_ray
+    from digr.platform import storage
+    from digr.platform.config import from_dict, merge_dicts, parse_overrides
+    from digr.platform.scaling import ScalingConfig
+    from digr.rec.sft import load_model, save_model
+    from digr.rl.grpo import DeepSpeedSettings, GRPOConfig, run_grpo
+    from digr.rl.rewards import RewardConfig
 
     run = Path(args.run)
     out = Path(args.output or run / "bench-grpo")
@@ -68,7 +68,7 @@ def main() -> int:
     sft_model = load_model(str(run / "sft" / "model"))
     quality = None
     if (run / "label" / "quality.parquet").exists():
-        from digr.label import load_quality
+        from digr.evidence.label import load_quality
 
         quality = np.zeros(sft_model.n_items, np.float32)
         for i, q in load_quality(str(run / "label")).items():

@@ -34,15 +34,15 @@ def main() -> int:
     ap.add_argument("--grpo-batch", type=int, default=8)
     args = ap.parse_args()
 
-    from digr import storage
-    from digr.decode import recommend
-    from digr.evaluate import test_rows
-    from digr.llm_rec import LLMRecConfig, load_backbone, recommend_llm, task_pairs, train_backbone
-    from digr.metrics import hr_ndcg
-    from digr.sft import load_model
-    from digr.sft_data import select_examples
-    from digr.stages import load_sids
-    from digr.trie import SidTrie
+    from digr.data.metrics import hr_ndcg
+    from digr.eval.evaluate import test_rows
+    from digr.llmrec.backbone import LLMRecConfig, load_backbone, recommend_llm, task_pairs, train_backbone
+    from digr.pipeline.stages import load_sids
+    from digr.platform import storage
+    from digr.rec.decode import recommend
+    from digr.rec.sft import load_model
+    from digr.rec.sft_data import select_examples
+    from digr.rec.trie import SidTrie
 
     run = args.run
     torch.manual_seed(args.seed)
@@ -87,8 +87,8 @@ def main() -> int:
     ranked_llm, llm_s = rank_llm()
     results = [("SmolLM2-135M + LoRA (SID tokens)", ranked_llm, llm_s)]
     if args.grpo_steps:
-        from digr.grpo import GRPOConfig
-        from digr.llm_rec import train_llm_grpo
+        from digr.llmrec.backbone import train_llm_grpo
+        from digr.rl.grpo import GRPOConfig
 
         gcfg = GRPOConfig(steps=args.grpo_steps, batch_size=args.grpo_batch, group_size=8, rollout="beam", lr=1e-5,
                           max_history=max_history, seed=args.seed)

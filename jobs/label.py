@@ -2,7 +2,7 @@
 
 Rule labels only (the default):
     python -m jobs.label --output runs/ml100k mine.max_items=50
-With an LLM judge on a sample of 200 items (any digr.llm backend, e.g. an OpenAI-compatible endpoint):
+With an LLM judge on a sample of 200 items (any digr.evidence.llm backend, e.g. an OpenAI-compatible endpoint):
     OPENAI_API_KEY=... python -m jobs.label --output runs/ml100k \
         'label.judges=[{backend: http, name: judge, model: gpt-4o-mini,
                         http: {url: "https://api.openai.com/v1/chat/completions", api_key_env: OPENAI_API_KEY}}]'

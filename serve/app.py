@@ -5,8 +5,8 @@
 
 `Recommender` (one per variant) loads a saved model and the trie, batches concurrent
 requests with `@serve.batch`, and runs the shared constrained beam search
-(`digr.decode.recommend`): what it returns equals offline decoding of the same history.
-`Gateway` checks the request (`digr.serving`), assigns the variant (sticky hash of user_id,
+(`digr.rec.decode.recommend`): what it returns equals offline decoding of the same history.
+`Gateway` checks the request (`digr.serving.core`), assigns the variant (sticky hash of user_id,
 weights changeable in place through `user_config`, forced by the `X-Digr-Variant` header),
 resolves item ids, falls back to popular items on a cold start, and tags every response and
 metric with the variant. Overload: the model deployment's bounded queue
@@ -30,8 +30,18 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from digr.serving import (AdditionConflict, AdditionLog, Catalogue, RequestError, ServeConfig, Variant,
-                          assign_variant, extend_sids, parse_request, popularity_order)
+from digr.serving.core import (
+    AdditionConflict,
+    AdditionLog,
+    Catalogue,
+    RequestError,
+    ServeConfig,
+    Variant,
+    assign_variant,
+    extend_sids,
+    parse_request,
+    popularity_order,
+)
 
 logger = logging.getLogger("ray.serve")
 VARIANT_HEADER = "x-digr-variant"
@@ -71,10 +81,10 @@ class Recommender:
                  additions_dir: str = "") -> None:
         import ray
 
-        from digr import storage
-        from digr.decode import prepare
-        from digr.sft import load_model
-        from digr.trie import SidTrie
+        from digr.platform import storage
+        from digr.rec.decode import prepare
+        from digr.rec.sft import load_model
+        from digr.rec.trie import SidTrie
 
         self.model = load_model(model_dir).eval()
         self.trie = SidTrie.from_bytes(storage.read_bytes(trie_uri))
@@ -95,7 +105,7 @@ class Recommender:
     def _apply(self, batches: list[Any]) -> None:
         """New items (`Addition`s: SIDs from the frozen tokenizer, content vectors) appended as
         the next item_idx values: the trie and the model's item tables grow, no restart."""
-        from digr.decode import prepare
+        from digr.rec.decode import prepare
 
         n_items = self.model.n_items
         for b in batches:
@@ -115,7 +125,7 @@ class Recommender:
         """requests: (history item_idx cut to the window, items never to return, k, catalogue
         size the gateway knows) each -> per request [(item_idx, score)] best first. One beam
         search for the whole batch, after syncing items added since this replica last looked."""
-        from digr.decode import recommend
+        from digr.rec.decode import recommend
 
         need = max(n for *_, n in requests)
         if need > self.model.n_items and self.log is not None:
@@ -155,8 +165,8 @@ class Gateway:
                  log_name: str = "") -> None:
         import ray
 
-        from digr import storage
-        from digr.config import from_dict
+        from digr.platform import storage
+        from digr.platform.config import from_dict
 
         self.cfg: ServeConfig = from_dict(ServeConfig, cfg)
         self.handles = variants
@@ -254,7 +264,7 @@ class Gateway:
                 if not isinstance(r.get("title"), str) or not r["title"].strip():
                     raise RequestError(400, f"items[{n}].title: required, a non-empty string")
             if self.tokenizer is None:
-                from digr.serving import FrozenTokenizer
+                from digr.serving.core import FrozenTokenizer
 
                 self.tokenizer = FrozenTokenizer(self.cfg.run_dir)
             vectors, codes = self.tokenizer(rows)
@@ -357,8 +367,8 @@ def build(args: dict[str, Any]) -> Any:
 
     args: the `ServeConfig` fields; `run_dir` is required. Each variant becomes one
     `Recommender` deployment named `model_<variant>`."""
-    from digr import storage
-    from digr.config import from_dict
+    from digr.platform import storage
+    from digr.platform.config import from_dict
 
     cfg = from_dict(ServeConfig, dict(args))
     if not cfg.run_dir:

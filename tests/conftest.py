@@ -18,7 +18,7 @@ def ray_local():
     and Serve replicas that each reserve a CPU cannot deadlock one another."""
     import ray
 
-    from digr.pipeline import start_local_ray
+    from digr.pipeline.run import start_local_ray
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
     if not ray.is_initialized():  # as the pipeline starts one: its workers query its own State API

@@ -1,0 +1,332 @@
+"""Serving core: request checks, A/B assignment, the catalogue view and responses.
+
+Pure functions and small classes the Ray Serve application (`serve/app.py`) wraps; nothing
+here imports Ray, so every rule below is unit-tested without a cluster.
+
+A/B assignment is sticky and stateless: a user goes to the variant whose cumulative weight
+interval holds u = sha256(salt + ":" + user_id) / 2^256 in [0, 1). Changing the weights moves
+only the users whose u falls in a changed interval; changing the salt reshuffles everyone.
+Requests without a user_id are assigned by their request id (not sticky, by definition).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class RequestError(ValueError):
+    """A client error: `status` is the HTTP status, the message names the field."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    model_dir: str      # a saved SFT/GRPO model (`digr.rec.sft.save_model`)
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    run_dir: str = ""                       # a finished pipeline run: ingest/items.parquet, tokenize/trie.npz
+    variants: tuple[Variant, ...] = ()      # () = one variant "sft" from <run_dir>/sft/model
+    salt: str = "digr-ab-1"
+    beam_size: int = 20
+    max_k: int = 50
+    max_history: int = 0                    # items the model reads; 0 = the model's training window (from its dir)
+    max_request_items: int = 1000           # longest history accepted in a request
+    max_body_bytes: int = 65536
+    auth_token_env: str = ""                # name of an env var holding a bearer token; "" = no auth
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.005
+    max_queued_requests: int = 128         # per model replica; beyond it requests get 503 (no unbounded backlog)
+    additions_dir: str = ""                 # journal of items added while serving (local or s3://); "" = memory only
+    # Ray actor options of every model replica, e.g. {num_gpus: 1} or {resources: {...}}; a Serve
+    # config's `deployments: [{name: model_<variant>, ray_actor_options: ...}]` overrides per variant.
+    model_ray_actor_options: dict[str, Any] = field(default_factory=dict)
+    # How long a model replica that is being stopped (scale-down, update, delete) may finish its
+    # requests before it is killed; also how long deleting a replica that never got a node takes.
+    model_graceful_shutdown_timeout_s: float = 20.0  # Ray Serve's default
+
+    def __post_init__(self) -> None:
+        if self.max_k < 1 or self.beam_size < 1:
+            raise ValueError(f"serve: need max_k >= 1 and beam_size >= 1, got {self.max_k}, {self.beam_size}")
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"serve.variants: duplicate names {names}")
+        if any(v.weight < 0 for v in self.variants) or (self.variants and sum(v.weight for v in self.variants) <= 0):
+            raise ValueError("serve.variants: weights must be >= 0 with a positive sum")
+        if not self.model_graceful_shutdown_timeout_s >= 0:
+            raise ValueError(f"serve.model_graceful_shutdown_timeout_s must be >= 0, "
+                             f"got {self.model_graceful_shutdown_timeout_s}")
+
+
+def unit_hash(salt: str, key: str) -> float:
+    """sha256(salt:key) as a float in [0, 1)."""
+    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_variant(key: str, weights: dict[str, float], salt: str) -> str:
+    """The variant for `key` (a user id) under `weights` (name -> weight >= 0, positive sum),
+    by cumulative intervals in the order given."""
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError("variant weights must have a positive sum")
+    u = unit_hash(salt, key) * total
+    acc = 0.0
+    name = next(iter(weights))
+    for name, w in weights.items():
+        acc += w
+        if u < acc:
+            return name
+    return name  # u == total only through rounding: the last variant
+
+
+@dataclass(frozen=True)
+class Request:
+    history: tuple[str, ...]
+    k: int = 10
+    user_id: str | None = None
+    exclude_seen: bool = True
+
+
+def parse_request(body: Any, max_k: int, max_items: int) -> Request:
+    """A decoded JSON body -> Request, or RequestError naming the field (400, or 422 for types)."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "body: expected a JSON object")
+    unknown = sorted(set(body) - {"history", "k", "user_id", "exclude_seen"})
+    if unknown:
+        raise RequestError(400, f"{unknown[0]}: unknown field (known: history, k, user_id, exclude_seen)")
+    if "history" not in body:
+        raise RequestError(400, "history: required (a list of item ids, oldest first; may be empty)")
+    history = body["history"]
+    if not isinstance(history, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in history):
+        raise RequestError(422, "history: expected a list of item ids (strings)")
+    if len(history) > max_items:
+        raise RequestError(400, f"history: {len(history)} items is over the limit of {max_items}")
+    k = body.get("k", min(10, max_k))
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise RequestError(422, f"k: expected an integer, got {k!r}")
+    if not 1 <= k <= max_k:
+        raise RequestError(400, f"k: must be between 1 and {max_k}, got {k}")
+    user_id = body.get("user_id")
+    if user_id is not None and not isinstance(user_id, str):
+        raise RequestError(422, "user_id: expected a string")
+    exclude = body.get("exclude_seen", True)
+    if not isinstance(exclude, bool):
+        raise RequestError(422, "exclude_seen: expected true or false")
+    return Request(history=tuple(str(x) for x in history), k=k, user_id=user_id, exclude_seen=exclude)
+
+
+@dataclass
+class Catalogue:
+    """Item ids, titles, SIDs and (optional) mined intents, indexed by item_idx; popularity
+    for the cold-start list. Grows only through `add` (items added while serving, frozen tokenizer)."""
+
+    item_ids: list[str]
+    titles: list[str]
+    sids: np.ndarray                                 # (N, sid_len) int64 codes
+    intents: list[list[str]] = field(default_factory=list)
+    popular: list[int] = field(default_factory=list)  # item_idx, most popular first
+    index: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.index = {i: n for n, i in enumerate(self.item_ids)}
+        if not self.intents:
+            self.intents = [[] for _ in self.item_ids]
+
+    def resolve(self, history: tuple[str, ...], window: int) -> tuple[list[int], list[str], bool]:
+        """-> (item_idx of the known ids, oldest first, cut to the last `window`; the unknown
+        ids in request order; whether the known history was longer than the window)."""
+        known = [self.index[i] for i in history if i in self.index]
+        unknown = [i for i in history if i not in self.index]
+        return known[-window:], unknown, len(known) > window
+
+    def item(self, idx: int, score: float | None) -> dict[str, Any]:
+        return {"item_id": self.item_ids[idx], "sid": [int(c) for c in self.sids[idx]], "score": score,
+                "title": self.titles[idx], "intents": self.intents[idx]}
+
+    def check_new(self, item_ids: list[str]) -> None:
+        """RequestError 409 unless every id is new and listed once."""
+        clash = [i for i in item_ids if i in self.index] + [i for n, i in enumerate(item_ids) if i in item_ids[:n]]
+        if clash:
+            raise RequestError(409, f"items: item_id {clash[0]!r} already exists")
+
+    def add(self, item_ids: list[str], titles: list[str], sids: np.ndarray) -> list[int]:
+        """Append new items (ids must be new); -> their item_idx."""
+        self.check_new(item_ids)
+        start = len(self.item_ids)
+        self.item_ids += item_ids
+        self.titles += titles
+        self.intents += [[] for _ in item_ids]
+        self.sids = np.concatenate([self.sids, sids])
+        self.index.update({i: start + n for n, i in enumerate(item_ids)})
+        return list(range(start, start + len(item_ids)))
+
+    def fallback(self, k: int, exclude: set[int]) -> list[dict[str, Any]]:
+        """The most popular items not in `exclude` (cold start)."""
+        return [self.item(i, None) for i in self.popular if i not in exclude][:k]
+
+
+@dataclass(frozen=True)
+class Addition:
+    """One accepted POST /items batch: everything a replica needs to serve the new items."""
+
+    start: int                    # item_idx of the first item
+    item_ids: tuple[str, ...]
+    titles: tuple[str, ...]
+    sids: tuple[tuple[int, ...], ...]          # full SIDs (codes + suffix)
+    vectors: tuple[tuple[float, ...], ...]     # content vectors (the model's item features)
+
+
+class AdditionConflict(RuntimeError):
+    """The log grew since the writer last synced: re-sync, recompute the SIDs, try again."""
+
+
+class AdditionLog:
+    """Append-only journal of the items added while serving: the single authority every
+    gateway and model replica syncs from, so all replicas (and replicas the autoscaler starts
+    later) serve the same catalogue. Optimistic concurrency: `append(..., known)` is refused
+    unless `known` is the current size, so two writers can never hand out the same item_idx
+    or the same collision suffix. Hosted in a named Ray actor by `serve/app.py`; pure here.
+
+    journal: a folder (local or s3://) where every accepted batch is written, as
+    `batch-<start>.json`, before the append is acknowledged; a new log replays it, so added
+    items survive a cluster restart. "" keeps the log in memory only."""
+
+    def __init__(self, base: int, journal: str = "") -> None:
+        if base < 0:
+            raise ValueError(f"AdditionLog: base must be >= 0, got {base}")
+        self.base = base              # items in the trained catalogue
+        self.journal = journal
+        self.batches: list[Addition] = []
+        if journal:
+            from digr.platform import storage
+
+            for uri in storage.list_files(journal, ".json"):
+                d = storage.read_json(uri)
+                if d.get("start") != self.size():
+                    raise ValueError(f"{uri}: starts at item {d.get('start')}, the journal before it ends at "
+                                     f"{self.size()} (a file is missing, or the journal is another run's)")
+                self.batches.append(Addition(d["start"], tuple(d["item_ids"]), tuple(d["titles"]),
+                                             tuple(tuple(s) for s in d["sids"]), tuple(tuple(v) for v in d["vectors"])))
+
+    def size(self) -> int:
+        return self.base + sum(len(b.item_ids) for b in self.batches)
+
+    def append(self, known: int, item_ids: list[str], titles: list[str], sids: list[list[int]],
+               vectors: list[list[float]]) -> int:
+        """Add one batch computed against a catalogue of `known` items -> its first item_idx."""
+        if known != self.size():
+            raise AdditionConflict(f"catalogue has {self.size()} items, the writer knew {known}")
+        if not (len(item_ids) == len(titles) == len(sids) == len(vectors)) or not item_ids:
+            raise ValueError("AdditionLog.append: need equally long, non-empty item_ids, titles, sids, vectors")
+        seen = {i for b in self.batches for i in b.item_ids}
+        clash = [i for i in item_ids if i in seen]
+        if clash:
+            raise ValueError(f"item_id {clash[0]!r} was already added")
+        batch = Addition(known, tuple(item_ids), tuple(titles), tuple(tuple(map(int, s)) for s in sids),
+                         tuple(tuple(map(float, v)) for v in vectors))
+        if self.journal:  # written first: an acknowledged batch is never lost
+            from digr.platform import storage
+
+            storage.write_json(storage.join(self.journal, f"batch-{known:09d}.json"), dataclasses.asdict(batch))
+        self.batches.append(batch)
+        return known
+
+    def since(self, known: int) -> list[Addition]:
+        """The batches a replica holding `known` items lacks (`known` is a batch boundary,
+        since replicas apply whole batches)."""
+        if known < self.base:
+            raise ValueError(f"AdditionLog.since: a replica cannot know fewer than the {self.base} trained items")
+        if known > self.size():
+            raise ValueError(f"AdditionLog.since: a replica knows {known} items, the log only {self.size()} "
+                             "(the log was lost: restart the application)")
+        out = [b for b in self.batches if b.start >= known]
+        if known != self.size() and (not out or out[0].start != known):
+            raise ValueError(f"AdditionLog.since: {known} is not a batch boundary")
+        return out
+
+
+def popularity_order(sequences: list[list[int]], n_items: int) -> list[int]:
+    """item_idx by interaction count (training interactions: all but each user's last two), ties by index."""
+    counts = np.zeros(n_items, np.int64)
+    for s in sequences:
+        for i in s[:-2]:
+            counts[i] += 1
+    return [int(i) for i in np.lexsort((np.arange(n_items), -counts))]
+
+
+def extend_sids(new_codes: np.ndarray, existing: np.ndarray, suffix_size: int) -> np.ndarray:
+    """New items' RQ-VAE codes (M, levels) -> full SIDs (M, levels + 1): each gets the smallest
+    suffix no existing (or earlier new) item with the same codes uses. Raises when a suffix
+    would not fit the model's vocabulary (`suffix_size`): that item needs a retrained model.
+    existing: (N, levels + 1) SIDs of the catalogue."""
+    levels = existing.shape[1] - 1
+    if new_codes.ndim != 2 or new_codes.shape[1] != levels:
+        raise ValueError(f"new codes must be (M, {levels}), got {new_codes.shape}")
+    used: dict[tuple[int, ...], set[int]] = {}
+    for row in existing.tolist():
+        used.setdefault(tuple(row[:levels]), set()).add(row[levels])
+    out = np.empty((len(new_codes), levels + 1), np.int64)
+    for m, row in enumerate(new_codes.tolist()):
+        taken = used.setdefault(tuple(row), set())
+        suffix = next(s for s in range(len(taken) + 1) if s not in taken)
+        if suffix >= suffix_size:
+            raise ValueError(f"new item {m}: its codes {row} are already used by {len(taken)} items and the model "
+                             f"has {suffix_size} suffix codes; serving it needs a retrained model")
+        taken.add(suffix)
+        out[m] = [*row, suffix]
+    return out
+
+
+class FrozenTokenizer:
+    """The run's embed + tokenize stages, frozen: new item rows -> content vectors and SIDs,
+    without training anything. Reads <run>/manifest.json (embed and tokenize configs) and
+    <run>/tokenize/rqvae.pt."""
+
+    def __init__(self, run_dir: str) -> None:
+        import io
+
+        import torch
+
+        from digr.evidence.embed import EmbedConfig, TextEmbedder, default_model_path
+        from digr.platform import storage
+        from digr.platform.config import from_dict
+        from digr.tokenizer.rqvae import RQVAE, RQVAEConfig
+
+        config = storage.read_json(storage.join(run_dir, "manifest.json"))["config"]
+        self.embed_cfg = from_dict(EmbedConfig, config.get("embed", {}))
+        if self.embed_cfg.evidence:
+            raise ValueError(f"new items: the run embeds evidence {list(self.embed_cfg.evidence)}, which new items do "
+                             "not have yet (mine them first); only text-only runs can add items at serving time")
+        if config.get("tokenize", {}).get("labels", "residual") != "residual":
+            raise ValueError("new items: the run's SIDs use tokenize.labels="
+                             f"{config['tokenize']['labels']!r}, where a new item's prefix has no token in the "
+                             "trained vocabulary; only runs with tokenize.labels=residual can add items at serving time")
+        rq_cfg = from_dict(RQVAEConfig, config.get("tokenize", {}).get("rqvae", {}))
+        state = torch.load(io.BytesIO(storage.read_bytes(storage.join(run_dir, "tokenize", "rqvae.pt"))),
+                           map_location="cpu")
+        self.embedder = TextEmbedder(self.embed_cfg.model or default_model_path(), self.embed_cfg.fields,
+                                     self.embed_cfg.max_chars, self.embed_cfg.max_tokens, device="cpu")
+        self.rqvae = RQVAE(self.embedder.model.get_sentence_embedding_dimension(), rq_cfg)
+        self.rqvae.load_state_dict(state)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """rows with the embed fields -> (content vectors (M, D) float32, RQ-VAE codes (M, levels))."""
+        from digr.tokenizer.rqvae import assign_codes
+
+        batch = {"item_idx": np.arange(len(rows))}
+        for f in self.embed_cfg.fields:
+            batch[f] = np.array([str(r.get(f) or "") for r in rows], dtype=object)
+        emb = self.embedder(batch)["embedding"]
+        return emb, assign_codes(self.rqvae, emb)
