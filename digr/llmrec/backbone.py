@@ -396,7 +396,7 @@ def llm_grpo_step(policy: Any, reference: Any, tokenizer: Any, table: torch.Tens
     inputs = RewardInputs(items=roll["items"], sids=roll["codes"], target=targets, target_sids=sids_t[targets],
                           levels=trie.vocab.levels, quality=quality[targets], rank=roll["rank"])
     rewards, parts = total_reward(inputs, cfg.reward)
-    adv = group_advantages(rewards)
+    adv = group_advantages(rewards, scale=cfg.advantage)
     shape = roll["codes"].shape
     flat = roll["codes"].view(-1, shape[-1])
     with torch.no_grad():

@@ -207,6 +207,8 @@ def run_pipeline(cfg: PipelineConfig, output: str, until: str = "evaluate",
         sft_hist = storage.read_json(storage.join(run.path("sft"), "history.json"))
         path = write_report(run.dir, result, tok["stats"], tok["history"], sft_hist, run.manifest())
         log("\n" + metrics_table(result))
+        if "sasrec" in result:
+            log(f"sasrec: {cfg.evaluate.sasrec.recipe()}")
         log(f"\nrun directory: {run.dir}\nreport: {path}")
     return result
 

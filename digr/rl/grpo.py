@@ -54,6 +54,7 @@ _DS_TAG = "deepspeed"  # sub-folder of a checkpoint with every rank's DeepSpeed 
 _STATE, _BEST, _META = "grpo_state.pt", "best_model.pt", "meta.json"
 ROLLOUTS = ("sample", "beam")
 STRATEGIES = ("ddp", "deepspeed")
+ADVANTAGES = ("group", "batch")
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,9 @@ class GRPOConfig:
     seed: int = 0
     threads_per_worker: int = 0
     reward: RewardConfig = field(default_factory=RewardConfig)
+    # How rewards become advantages (`group_advantages`): "group" is the paper's per-group std,
+    # under which the QARM bonus cancels; "batch" divides by the batch's std, so it does not.
+    advantage: str = "group"
     strategy: str = "ddp"           # ddp | deepspeed
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
@@ -100,6 +104,8 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         if self.rollout not in ROLLOUTS:
             raise ValueError(f"grpo.rollout must be one of {ROLLOUTS}, got {self.rollout!r}")
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"grpo.advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"grpo.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         for name in ("group_size", "steps", "batch_size", "eval_every", "checkpoint_every", "valid_users",
@@ -117,12 +123,24 @@ class GRPOConfig:
 # ---------------------------------------------------------------- pure pieces
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """rewards: (B, G) -> (B, G) (r - mean) / (std + eps) per row, std with Bessel's correction
-    (as TRL and verl); a group whose rewards are all equal gets zeros (nothing to learn)."""
-    mean = rewards.mean(dim=1, keepdim=True)
-    std = rewards.std(dim=1, keepdim=True)
-    return (rewards - mean) / (std + eps)
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6, scale: str = "group") -> torch.Tensor:
+    """rewards: (B, G) -> (B, G) advantages: the group mean subtracted, then divided by a std
+    (Bessel's correction, as TRL and verl); a group whose rewards are all equal gets zeros.
+
+    scale "group": each row by its own std (GRPO, DeepSeekMath). A reward that is one factor per
+        group times a 0/1 hit, such as (1 + alpha * q_target) * 1[exact], is divided out: the
+        QARM bonus then changes nothing.
+    scale "batch": every row by the std of all centred rewards in the batch (REINFORCE++,
+        Hu et al. 2025; Dr. GRPO, Liu et al. 2025, drops the per-group std for the same bias).
+        A hit on a target with q = 1 then gets 1 + alpha times the advantage of a hit on a q = 0
+        target, so the quality bonus survives.
+    """
+    if scale not in ADVANTAGES:
+        raise ValueError(f"advantage scale must be one of {ADVANTAGES}, got {scale!r}")
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale == "group":
+        return centred / (rewards.std(dim=1, keepdim=True) + eps)
+    return centred / (centred.std() + eps) if centred.numel() > 1 else centred
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
@@ -208,7 +226,7 @@ def make_rollouts(policy: SidRecommender, reference: SidRecommender, trie: Any, 
     stats["hit_rate"] = float((items == targets.unsqueeze(1)).any(dim=1).float().mean())
     stats["rollout_s"] = rollout_s
     stats["rollouts_per_s"] = items.numel() / max(rollout_s, 1e-9)
-    return RolloutBatch(histories, items, sids, group_advantages(rewards), old, ref, stats)
+    return RolloutBatch(histories, items, sids, group_advantages(rewards, scale=cfg.advantage), old, ref, stats)
 
 
 def rollout_loss(policy: SidRecommender, trie: Any, batch: RolloutBatch, cfg: GRPOConfig

@@ -15,6 +15,7 @@ from digr.eval.baselines import (
     sasrec_rank,
     seen_mask,
     train_sasrec,
+    training_windows,
 )
 
 
@@ -70,13 +71,14 @@ def _cycle_sequences(n_items: int, n_users: int, length: int) -> list[list[int]]
     return [[(start + t) % n_items for t in range(length)] for start in range(n_users)]
 
 
-def test_sasrec_learns_a_cycle_and_stops_early() -> None:
+@pytest.mark.parametrize("norm,examples", [("post", "prefixes"), ("pre", "windows")])
+def test_sasrec_learns_a_cycle_and_stops_early(norm: str, examples: str) -> None:
     # 30 items so that valid NDCG@10 cannot saturate by chance (6 seen items excluded
     # leave 24 candidates); it reaches 1.0 (every target at rank 0) around epoch 7.
     n_items = 30
     seqs = _cycle_sequences(n_items, n_users=60, length=8)
     cfg = SASRecConfig(hidden=32, layers=1, heads=2, dropout=0.0, max_len=8, epochs=40,
-                       batch_size=16, lr=1e-2, patience=3, seed=0)
+                       batch_size=16, lr=1e-2, patience=3, seed=0, norm=norm, examples=examples)
     model, history = train_sasrec(seqs, n_items, cfg, log=lambda _: None)
     assert len(history) < 40, "patience 3 should stop well before 40 epochs once NDCG stays at 1"
     assert history[-1]["loss"] < history[0]["loss"]
@@ -149,3 +151,15 @@ def test_sasrec_rank_bad_input() -> None:
         sasrec_rank(model, [[7]], k=2)
     with pytest.raises(ValueError, match="outside"):
         train_sasrec([[0, 1, 2, 9]], 5, SASRecConfig(epochs=1), log=lambda _: None)
+
+
+def test_training_windows_by_hand() -> None:
+    # train part of [5, 6, 7, 8, 1, 2] is [5, 6, 7, 8] (the last two are valid and test targets)
+    seqs = [[5, 6, 7, 8, 1, 2], [3, 4, 9]]  # the second's train part [3] is too short to train on
+    assert training_windows(seqs, 2, "prefixes") == [[5, 6], [5, 6, 7], [6, 7, 8]]
+    assert training_windows(seqs, 2, "windows") == [[6, 7, 8]]
+
+
+def test_recipe_names_what_differs_from_recbole() -> None:
+    assert SASRecConfig(seed=3).recipe() == "RecBole 1.2.1 SASRec settings (CE)"
+    assert SASRecConfig(epochs=30, norm="pre").recipe() == "in-house recipe, not RecBole-grade: epochs=30, norm=pre"

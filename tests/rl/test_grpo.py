@@ -71,6 +71,23 @@ def test_group_advantages_by_hand() -> None:
     assert adv[1].tolist() == [0.0] * 4  # equal rewards: nothing to learn
 
 
+def test_qarm_bonus_cancels_under_group_scale_and_survives_under_batch_scale() -> None:
+    # Two groups of G=2, one hit each; rewards (1 + 0.5 q) * 1[exact] with q = 1 and q = 0:
+    # rows [1.5, 0] and [1, 0]. Group scale: both rows -> [+0.707, -0.707] (the factor cancels).
+    # Batch scale: centred rows [0.75, -0.75] and [0.5, -0.5], std over all four
+    # sqrt((2 * 0.75^2 + 2 * 0.5^2) / 3) = 0.7360 -> [1.019, -1.019] and [0.679, -0.679]: the hit on the
+    # q = 1 target gets 1.5x the advantage of the hit on the q = 0 one.
+    r = torch.tensor([[1.5, 0.0], [1.0, 0.0]])
+    g = group_advantages(r)
+    assert g[0].tolist() == pytest.approx(g[1].tolist()) and g[0, 0] == pytest.approx(0.7071, abs=1e-4)
+    b = group_advantages(r, scale="batch")
+    assert b.flatten().tolist() == pytest.approx([1.0190, -1.0190, 0.6794, -0.6794], abs=1e-4)
+    assert float(b[0, 0] / b[1, 0]) == pytest.approx(1.5)
+    assert group_advantages(torch.tensor([[2.0, 2.0]]), scale="batch").tolist() == [[0.0, 0.0]]
+    with pytest.raises(ValueError, match="grpo.advantage"):
+        GRPOConfig(advantage="row")
+
+
 def test_grpo_loss_by_hand() -> None:
     # B=1, G=2, one token each. Sample 0: ratio 0.5/0.25 = 2, A = +1 -> clipped at 1.2.
     # Sample 1: ratio 1, A = -1 -> -1. ref == logp: KL 0. loss = -(1.2 - 1) / 2 = -0.1
