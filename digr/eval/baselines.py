@@ -236,6 +236,25 @@ def sasrec_rank(
     n_items = model.n_items
     if not 1 <= k <= n_items:
         raise ValueError(f"k must be in [1, n_items={n_items}], got {k}")
+    out = np.empty((len(histories), k), dtype=np.int64)
+    for start in range(0, len(histories), batch_size):
+        scores = sasrec_scores(model, histories[start : start + batch_size],
+                               None if exclude is None else exclude[start : start + batch_size])
+        values, idx = scores.topk(k, dim=1)
+        idx[values == float("-inf")] = EMPTY
+        out[start : start + len(idx)] = idx.cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def sasrec_scores(model: SASRec, histories: Sequence[Sequence[int]], exclude: np.ndarray | None = None) -> torch.Tensor:
+    """Scores h_t . E[j] of every item after each history (one batch, no chunking).
+
+    histories: B non-empty item_idx lists, oldest first (the last max_len items are read).
+    exclude: (B, n_items) bool, True = -inf. Returns (B, n_items) float32 on the model's device;
+    `torch.log_softmax(scores, -1)` is SASRec's log p(item | history) (excluded items at 0 mass).
+    """
+    n_items = model.n_items
     if exclude is not None and exclude.shape != (len(histories), n_items):
         raise ValueError(f"exclude must be (B={len(histories)}, n_items={n_items}) bool, got {exclude.shape}")
     for row, h in enumerate(histories):
@@ -245,21 +264,14 @@ def sasrec_rank(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = np.empty((len(histories), k), dtype=np.int64)
-    for start in range(0, len(histories), batch_size):
-        chunk = [list(h[-model.cfg.max_len :]) for h in histories[start : start + batch_size]]
-        tokens = _pad_right([[i + 1 for i in h] for h in chunk], 0).to(device)
-        last = torch.as_tensor([len(h) - 1 for h in chunk], device=device)
-        hidden = model(tokens)[torch.arange(len(chunk), device=device), last]  # (b, hidden)
-        scores = model.item_scores(hidden)  # (b, n_items)
-        if exclude is not None:
-            ex = torch.as_tensor(exclude[start : start + len(chunk)], device=device)
-            scores = scores.masked_fill(ex, float("-inf"))
-        values, idx = scores.topk(k, dim=1)
-        idx[values == float("-inf")] = EMPTY
-        out[start : start + len(chunk)] = idx.cpu().numpy()
+    chunk = [list(h[-model.cfg.max_len :]) for h in histories]
+    tokens = _pad_right([[i + 1 for i in h] for h in chunk], 0).to(device)
+    last = torch.as_tensor([len(h) - 1 for h in chunk], device=device)
+    scores = model.item_scores(model(tokens)[torch.arange(len(chunk), device=device), last]).float()  # (B, n_items)
+    if exclude is not None:
+        scores = scores.masked_fill(torch.as_tensor(exclude, device=device), float("-inf"))
     model.train(was_training)
-    return out
+    return scores
 
 
 def _sequence_loss(model: SASRec, inputs: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:

@@ -17,7 +17,17 @@ import pyarrow as pa
 import torch
 
 from digr.data.metrics import EMPTY, hr_ndcg
-from digr.eval.baselines import SASRecConfig, popularity_counts, popularity_rank, sasrec_rank, seen_mask, train_sasrec
+from digr.eval.baselines import (
+    SASRec,
+    SASRecConfig,
+    popularity_counts,
+    popularity_rank,
+    sasrec_rank,
+    sasrec_scores,
+    seen_mask,
+    train_sasrec,
+)
+from digr.eval.fusion import FusionConfig, fuse, union_candidates
 
 BASELINES = ("popularity", "sasrec")
 
@@ -37,6 +47,9 @@ class EvalConfig:
     gpus_per_actor: float = 0.0
     baselines: tuple[str, ...] = BASELINES
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    # Generative + SASRec, fused at ranking time with a weight picked on valid (`digr.eval.fusion`):
+    # the "fusion" row. Needs "sasrec" in baselines.
+    fusion: FusionConfig = field(default_factory=FusionConfig)
 
     def __post_init__(self) -> None:
         if self.top_k < max(self.ks) or self.beam_size < self.top_k:
@@ -46,6 +59,8 @@ class EvalConfig:
         unknown = set(self.baselines) - set(BASELINES)
         if unknown:
             raise ValueError(f"evaluate.baselines: unknown {sorted(unknown)}; known: {BASELINES}")
+        if self.fusion.enabled and "sasrec" not in self.baselines:
+            raise ValueError("evaluate.fusion.enabled needs 'sasrec' in evaluate.baselines (it fuses with that model)")
 
 
 class GenerativeRanker:
@@ -103,34 +118,90 @@ def test_rows(examples: pa.Table, sequences: pa.Table, split: str = "test") -> d
     }
 
 
-def rank_generative(rows: dict[str, Any], ranker_kwargs: dict[str, Any], cfg: EvalConfig) -> np.ndarray:
-    """Stream the rows through a pool of `GenerativeRanker` actors; returns (B, top_k) in row order."""
+class FusionRanker(GenerativeRanker):
+    """Ray Data UDF: {"history", "seen"} rows -> {"ranked": (B, W, top_k)}, one list per fusion
+    weight (`digr.eval.fusion`). The generative model reads the capped "history", SASRec all of
+    "seen" (its own max_len window), as each model alone does."""
+
+    def __init__(self, sasrec_state: dict[str, torch.Tensor], sasrec_cfg: SASRecConfig, weights: tuple[float, ...],
+                 candidates: int, **ranker_kwargs: Any) -> None:
+        super().__init__(**{**ranker_kwargs, "dense_weight": 0.0})
+        self.sasrec = SASRec(self.n_items, sasrec_cfg)
+        self.sasrec.load_state_dict(sasrec_state)
+        self.sasrec.to(self.device).eval()
+        self.weights, self.candidates = weights, candidates
+
+    @torch.no_grad()
+    def rank(self, histories: list[list[int]], seen: list[list[int]] | None = None) -> np.ndarray:
+        from digr.rec.decode import recommend, sid_logprobs
+
+        seen = seen if seen is not None else histories
+        mask = seen_mask(seen, self.n_items) if self.exclude_seen else None
+        exclude = None if mask is None else torch.from_numpy(mask).to(self.device)
+        gen = recommend(self.model, self.trie, histories, self.max_history, beam_size=self.beam_size,
+                        top_k=self.beam_size, exclude=exclude)
+        dense = torch.log_softmax(sasrec_scores(self.sasrec, seen, mask), dim=-1)  # (B, N)
+        found = dense.topk(min(self.candidates, self.n_items), dim=1)
+        cand, keep = union_candidates(gen.items, found.indices.masked_fill(torch.isinf(found.values), EMPTY),
+                                      self.n_items)
+        input_ids, attention = (t.to(self.device) for t in self.model.batch(histories, self.max_history))
+        gen_logp = sid_logprobs(self.model, input_ids, attention, cand)
+        dense_logp = dense.gather(1, cand.clamp(min=0))
+        lists = [fuse(cand, keep, gen_logp, dense_logp, w, self.top_k) for w in self.weights]
+        return torch.stack(lists, dim=1).cpu().numpy()  # (B, W, top_k)
+
+
+def _stream(rows: dict[str, Any], udf: type, kwargs: dict[str, Any], cfg: EvalConfig, shape: tuple[int, ...]) -> np.ndarray:
+    """Stream the rows through a pool of `udf` actors; returns (B, *shape) in row order."""
     import ray
 
     ds = ray.data.from_items([
         {"row": i, "history": h, "seen": s} for i, (h, s) in enumerate(zip(rows["history"], rows["seen"]))
     ])
     ds = ds.map_batches(
-        GenerativeRanker, fn_constructor_kwargs=ranker_kwargs, batch_size=cfg.batch_size, batch_format="numpy",
+        udf, fn_constructor_kwargs=kwargs, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
     )
-    out = np.full((len(rows["target"]), cfg.top_k), EMPTY, dtype=np.int64)
+    out = np.full((len(rows["target"]), *shape), EMPTY, dtype=np.int64)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         out[batch["row"]] = np.stack(batch["ranked"])
     return out
 
 
+def rank_generative(rows: dict[str, Any], ranker_kwargs: dict[str, Any], cfg: EvalConfig) -> np.ndarray:
+    """Stream the rows through a pool of `GenerativeRanker` actors; returns (B, top_k) in row order."""
+    return _stream(rows, GenerativeRanker, ranker_kwargs, cfg, (cfg.top_k,))
+
+
+def rank_fused(rows: dict[str, Any], ranker_kwargs: dict[str, Any], cfg: EvalConfig,
+               sasrec_state: dict[str, torch.Tensor], weights: tuple[float, ...]) -> np.ndarray:
+    """The rows ranked by generative + SASRec fusion at each weight: (B, len(weights), top_k)."""
+    kwargs = {**ranker_kwargs, "sasrec_state": sasrec_state, "sasrec_cfg": cfg.sasrec,
+              "weights": tuple(weights), "candidates": cfg.fusion.candidates}
+    return _stream(rows, FusionRanker, kwargs, cfg, (len(weights), cfg.top_k))
+
+
+def subsample(rows: dict[str, Any], n: int, seed: int) -> dict[str, Any]:
+    """n rows drawn without replacement (all when n is 0 or >= the row count), in row order."""
+    total = len(rows["target"])
+    if n == 0 or n >= total:
+        return rows
+    keep = np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
+    return {k: (v[keep] if isinstance(v, np.ndarray) else [v[i] for i in keep]) for k, v in rows.items()}
+
+
 def _train_and_rank_sasrec(sequences: list[list[int]], n_items: int, cfg: EvalConfig,
-                           histories: list[list[int]], seen: list[list[int]]) -> tuple[np.ndarray, list[dict]]:
+                           histories: list[list[int]], seen: list[list[int]]
+                           ) -> tuple[np.ndarray, list[dict], dict[str, torch.Tensor]]:
     model, history = train_sasrec(sequences, n_items, cfg.sasrec)
     exclude = seen_mask(seen, n_items) if cfg.exclude_seen else None
-    return sasrec_rank(model, histories, cfg.top_k, exclude), history
+    return sasrec_rank(model, histories, cfg.top_k, exclude), history, model.state_dict()
 
 
 def start_sasrec(rows: dict[str, Any], sequences: list[list[int]], n_items: int, cfg: EvalConfig) -> Any:
     """Train and rank SASRec in a Ray task (it is the slow baseline); returns an ObjectRef of
-    ((B, top_k) ranked, per-epoch history)."""
+    ((B, top_k) ranked, per-epoch history, the trained weights)."""
     import ray
 
     task = ray.remote(num_cpus=1)(_train_and_rank_sasrec)
@@ -146,3 +217,20 @@ def rank_popularity(rows: dict[str, Any], sequences: list[list[int]], n_items: i
 
 def score(ranked: np.ndarray, targets: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
     return {k: round(v, 6) for k, v in hr_ndcg(ranked, targets, ks).items()}
+
+
+# Target popularity buckets: how often the test target is a training interaction (docs/results.md, "Where").
+BUCKETS: tuple[tuple[str, int, float], ...] = (("0", 0, 0), ("1-4", 1, 4), ("5-19", 5, 19), ("20+", 20, float("inf")))
+
+
+def bucket_scores(ranked: np.ndarray, targets: np.ndarray, counts: np.ndarray, ks: tuple[int, ...]) -> dict[str, dict]:
+    """ranked: (B, K); targets: (B,); counts: (n_items,) training counts (`popularity_counts`).
+    Returns {bucket: {"users", "share", "hr@K", "ndcg@K"...}} for the buckets that hold users."""
+    c = counts[targets]
+    out = {}
+    for name, lo, hi in BUCKETS:
+        sel = (c >= lo) & (c <= hi)
+        if sel.any():
+            out[name] = {"users": int(sel.sum()), "share": round(float(sel.mean()), 4),
+                         **score(ranked[sel], targets[sel], ks)}
+    return out

@@ -23,7 +23,19 @@ import torch
 
 from digr.data.ingest import IngestConfig, ingest, input_files
 from digr.data.metrics import EMPTY, write_predictions
-from digr.eval.evaluate import EvalConfig, rank_generative, rank_popularity, score, start_sasrec, test_rows
+from digr.eval.baselines import popularity_counts
+from digr.eval.evaluate import (
+    EvalConfig,
+    bucket_scores,
+    rank_fused,
+    rank_generative,
+    rank_popularity,
+    score,
+    start_sasrec,
+    subsample,
+    test_rows,
+)
+from digr.eval.fusion import pick_weight
 from digr.evidence.embed import EmbedConfig, load_embeddings, run_embed, with_evidence
 from digr.platform import storage
 from digr.rec.sft import SFTConfig, load_model, run_sft, save_model, uses_features
@@ -183,16 +195,26 @@ def evaluate_stage(cfg: EvalConfig, ingest_dir: str, tokenize_dir: str, sft_dir:
     if sasrec is not None:
         import ray
 
-        ranked["sasrec"], extra["sasrec_history"] = ray.get(sasrec)
+        ranked["sasrec"], extra["sasrec_history"], sasrec_state = ray.get(sasrec)
+        if cfg.fusion.enabled:  # the weight is picked on valid; test is ranked once, with it
+            valid = subsample(test_rows(examples, sequences, "valid"), cfg.fusion.valid_users, cfg.fusion.seed)
+            curve_lists = rank_fused(valid, ranker, cfg, sasrec_state, cfg.fusion.weights)
+            weight, curve = pick_weight(curve_lists, valid["target"], cfg.fusion.weights)
+            ranked["fusion"] = rank_fused(rows, ranker, cfg, sasrec_state, (weight,))[:, 0]
+            extra["fusion"] = {"weight": weight, "valid_users": len(valid["target"]), "valid_curve": curve}
 
     item_ids = np.asarray(items["item_id"].to_pylist(), dtype=object)
-    metrics = {}
+    counts = popularity_counts(seqs, n_items)
+    metrics, buckets = {}, {}
     for name, r in ranked.items():
         metrics[name] = score(r, rows["target"], cfg.ks)
+        buckets[name] = bucket_scores(r, rows["target"], counts, cfg.ks)
         lists = [[item_ids[i] for i in row if i != EMPTY] for row in r]
         buf = io.StringIO()
         write_predictions(buf, rows["user_id"], lists)
         storage.write_text(storage.join(out, f"predictions_{name}.jsonl"), buf.getvalue())
     storage.write_json(storage.join(out, "metrics.json"), metrics)
     storage.write_json(storage.join(out, "baseline_history.json"), extra)
-    return {"rows": {"test_users": len(rows["target"])}, "metrics": metrics}
+    storage.write_json(storage.join(out, "buckets.json"), buckets)
+    return {"rows": {"test_users": len(rows["target"])}, "metrics": metrics,
+            **({"fusion_weight": extra["fusion"]["weight"]} if "fusion" in extra else {})}

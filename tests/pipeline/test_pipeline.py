@@ -19,7 +19,7 @@ SLICE = [
     "sft.epochs=12", "sft.batch_size=64", "sft.lr=0.003", "sft.warmup_steps=20", "sft.patience=12",
     "sft.eval_every=3", "sft.valid_users=300", "sft.model.d_model=64", "sft.model.d_kv=16",
     "sft.model.d_ff=256", "sft.model.num_heads=4", "sft.model.num_layers=2", "sft.model.num_decoder_layers=2",
-    "evaluate.sasrec.epochs=20",
+    "evaluate.sasrec.epochs=20", "evaluate.fusion.enabled=true", "evaluate.fusion.valid_users=300",
 ]
 
 
@@ -71,6 +71,14 @@ def test_pipeline_end_to_end_on_a_real_slice(ray_local, scientific_dir, tmp_path
     assert set(gen) == {"hr@5", "hr@10", "ndcg@5", "ndcg@10"}
     assert gen["ndcg@10"] > pop["ndcg@10"], metrics
     assert "sasrec" in metrics
+    # Fusion: the weight is picked on valid; at w = 0 / 1 it ranks by one model over both's candidates.
+    fusion = json.loads((out / "evaluate" / "baseline_history.json").read_text())["fusion"]
+    assert fusion["valid_users"] == 300 and fusion["weight"] in [r["weight"] for r in fusion["valid_curve"]]
+    assert max(r["ndcg@10"] for r in fusion["valid_curve"]) == next(
+        r["ndcg@10"] for r in fusion["valid_curve"] if r["weight"] == fusion["weight"])
+    assert metrics["fusion"]["ndcg@10"] > pop["ndcg@10"]
+    buckets = json.loads((out / "evaluate" / "buckets.json").read_text())
+    assert set(buckets) == set(metrics) and sum(b["users"] for b in buckets["generative"].values()) == 600
 
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["ndcg@10"] == gen["ndcg@10"]
@@ -79,8 +87,9 @@ def test_pipeline_end_to_end_on_a_real_slice(ray_local, scientific_dir, tmp_path
     assert manifest["stages"]["ingest"]["rows"]["users"] == 600
     assert manifest["input_hashes"]  # the data files' hashes
     assert (out / "report.md").exists() and (out / "plots" / "sft_curves.png").exists()
-    lines = (out / "evaluate" / "predictions_generative.jsonl").read_text().splitlines()
-    assert len(lines) == 600 and len(json.loads(lines[0])["items"]) == 10
+    for model in ("generative", "fusion"):
+        lines = (out / "evaluate" / f"predictions_{model}.jsonl").read_text().splitlines()
+        assert len(lines) == 600 and len(json.loads(lines[0])["items"]) == 10
 
     t0 = time.time()
     again = run_pipeline(cfg, str(out), log=logs.append)
