@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -75,15 +76,18 @@ def main() -> int:
     from digr.platform.config import load
 
     config, data = DATASETS[args.dataset]
-    config = Path(args.config) if args.config else config
-    output = Path(args.output or REPO / "runs" / f"bench-{args.dataset}")
+    config = Path(args.config).resolve() if args.config else config
+    output = Path(args.output).resolve() if args.output else REPO / "runs" / f"bench-{args.dataset}"
+    recbole = [Path(p).resolve() for p in args.recbole]
+    os.chdir(REPO)  # the configs' ingest.path is relative to the repository root
     runs: dict[str, list[dict[str, float]]] = {}
     buckets: dict[str, dict[str, list[float]]] = {}
     shares: dict[str, float] = {}
     agree = True
     for seed in args.seeds:
-        overrides = [*([f"ingest.path={data}"] if data else []), f"sft.seed={seed}", f"evaluate.sasrec.seed={seed}",
-                     *args.overrides]
+        # The config's own ingest.path (relative to the repository root, where this runs), so a
+        # run of `python -m jobs.pipeline --config ...` with the same seeds is reused, not redone.
+        overrides = [f"sft.seed={seed}", f"evaluate.sasrec.seed={seed}", *args.overrides]
         cfg = load(PipelineConfig, str(config), overrides)
         out = output / f"seed{seed}"
         t0 = time.time()
@@ -107,7 +111,7 @@ def main() -> int:
                 buckets.setdefault(model, {}).setdefault(name, []).append(row["ndcg@10"])
                 shares[name] = row["share"]
 
-    for path in args.recbole:  # RecBole's own runs on this split (bench_baselines.py asserted the split)
+    for path in recbole:  # RecBole's own runs on this split (bench_baselines.py asserted the split)
         for r in json.loads(Path(path).read_text())["runs"].get("recbole-sasrec", []):
             runs.setdefault("recbole-sasrec", []).append({"ndcg@10": r["test"]["ndcg@10"], "hr@10": r["test"]["hr@10"]})
     rows: dict[str, tuple[float, float, float, float, int]] = {}
