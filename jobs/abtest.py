@@ -8,6 +8,11 @@ log writes them. Prints per variant: users, exposures, CTR / purchase rate / hit
 intervals (delta method over users), the lift over the control with its interval, the
 sample-ratio-mismatch check against the configured weights, and the verdict. --output gets
 report.json, rejected.jsonl (bad rows with their reason) and lift.png.
+
+Back into training: `--export-inter DIR --run-dir RUN` writes DIR/<name>.inter.json (RUN's
+sequences with every click / purchase on a served item appended, in time order) and
+<name>.item.json (RUN's item text), so `python -m jobs.pipeline ingest.source=inter-json
+ingest.path=DIR ingest.name=<name>` trains on what users did.
 """
 
 from __future__ import annotations
@@ -91,6 +96,31 @@ def plot(report: Any, metric: str) -> bytes:
     return buf.getvalue()
 
 
+def export_inter(run_dir: str, exposures: list[dict], feedback: list[dict], out: str, name: str) -> tuple[int, int]:
+    """RUN's sequences (source ids) + positive feedback -> an inter-json dataset in `out`."""
+    from digr.abtest.analysis import positive_interactions
+
+    try:
+        items = storage.read_table(storage.join(run_dir, "ingest", "items.parquet")).sort_by("item_idx")
+        seqs = storage.read_table(storage.join(run_dir, "ingest", "sequences.parquet"))
+    except (OSError, FileNotFoundError) as e:
+        raise InputError(f"--run-dir {run_dir}: no finished ingest in it ({e})") from e
+    ids = items["item_id"].to_pylist()
+    sequences = {u: [ids[i] for i in s] for u, s in zip(seqs["user_id"].to_pylist(), seqs["item_idx"].to_pylist())}
+    new = positive_interactions(exposures, feedback)
+    known = set(ids)
+    n_new = 0
+    for user, picked in new.items():
+        picked = [i for i in picked if i in known]  # items added while serving have no text here
+        sequences.setdefault(user, []).extend(picked)
+        n_new += len(picked)
+    meta = {r["item_id"]: {"title": r["title"], "description": r["description"], "brand": r["brand"],
+                           "categories": r["categories"]} for r in items.to_pylist()}
+    storage.write_text(storage.join(out, f"{name}.inter.json"), json.dumps(sequences))
+    storage.write_text(storage.join(out, f"{name}.item.json"), json.dumps(meta))
+    return len(new), n_new
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.abtest", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,10 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--control", help="the baseline variant (default: the first configured)")
     ap.add_argument("--metric", default="ctr", choices=["ctr", "purchase_rate", "hit_rate"])
     ap.add_argument("--output", help="folder for report.json, rejected.jsonl and lift.png")
+    ap.add_argument("--export-inter", help="folder for an inter-json dataset: RUN's sequences + positive feedback")
+    ap.add_argument("--run-dir", help="the run whose ingest the export extends (with --export-inter)")
+    ap.add_argument("--name", default="Feedback", help="file stem of the exported dataset")
     args = ap.parse_args(argv)
     from digr.abtest.analysis import analyse, report_table
 
     try:
+        if bool(args.export_inter) != bool(args.run_dir):
+            raise InputError("--export-inter and --run-dir go together")
         weights = weights_from(args)
         exposures, feedback = read_records(args.exposures), read_records(args.feedback)
         report = analyse(exposures, feedback, weights, args.control, args.metric)
@@ -119,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
                            "".join(json.dumps(r, default=str) + "\n" for r in report.rejected_rows))
         storage.write_bytes(storage.join(args.output, "lift.png"), plot(report, args.metric))
         print(f"\nreport: {storage.join(args.output, 'report.json')}")
+    if args.export_inter:
+        n_users, n_new = export_inter(args.run_dir, exposures, feedback, args.export_inter, args.name)
+        print(f"exported {n_new} clicked / purchased items for {n_users} users to "
+              f"{storage.join(args.export_inter, args.name + '.inter.json')}")
     return 0
 
 

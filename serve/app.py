@@ -11,6 +11,9 @@ weights changeable in place through `user_config`, forced by the `X-Digr-Variant
 resolves item ids, falls back to popular items on a cold start, and tags every response and
 metric with the variant. Overload: the model deployment's bounded queue
 (`max_queued_requests`) rejects with 503 instead of growing a backlog.
+With `events_dir` set, every 200 from /recommend is logged as an exposure and POST /feedback
+(click / purchase / dismiss on a served item) as feedback (`digr.serving.events`), written off
+the request path; `jobs/abtest.py` reads both and says which variant won.
 """
 
 
@@ -42,6 +45,7 @@ from digr.serving.core import (
     parse_request,
     popularity_order,
 )
+from digr.serving.events import EventSink, parse_feedback
 
 logger = logging.getLogger("ray.serve")
 VARIANT_HEADER = "x-digr-variant"
@@ -155,6 +159,9 @@ def _metrics() -> dict[str, Any]:
         "fallbacks": metrics.Counter("digr_fallbacks", "Responses served from the cold-start list", tag_keys=tags),
         "latency": metrics.Histogram("digr_latency_ms", "Gateway latency (ms)",
                                      boundaries=[5, 10, 20, 50, 100, 200, 500, 1000, 2000], tag_keys=tags),
+        "events_written": metrics.Counter("digr_events_written", "Exposure / feedback rows written", tag_keys=("kind",)),
+        "events_dropped": metrics.Counter("digr_events_dropped", "Exposure / feedback rows dropped (sink slow or down)",
+                                          tag_keys=("kind",)),
     }
 
 
@@ -194,6 +201,42 @@ class Gateway:
         self.log = addition_log(log_name, items.num_rows, self.cfg.additions_dir) if log_name else None
         if self.log is not None:
             self._apply(ray.get(self.log.since.remote(len(self.catalogue.item_ids))))
+        self.sinks = {kind: EventSink(self.cfg.events_dir, kind, self.cfg.events_buffer)
+                      for kind in ("exposures", "feedback")} if self.cfg.events_dir else {}
+        self._flusher: asyncio.Task | None = None
+        self._counted = {kind: (0, 0) for kind in self.sinks}  # (written, dropped) already in the metrics
+
+    def _log_event(self, kind: str, row: dict[str, Any]) -> None:
+        """Queue a row (never blocks, never raises); the flusher starts with the first row."""
+        if kind in self.sinks:
+            self.sinks[kind].record(row)
+            if self._flusher is None:
+                self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+
+    async def _flush_once(self) -> None:
+        for kind, sink in self.sinks.items():
+            await asyncio.to_thread(sink.flush)
+            c = sink.counts()
+            written, dropped = self._counted[kind]
+            if c["written"] > written:
+                self.metrics["events_written"].inc(c["written"] - written, tags={"kind": kind})
+            if c["dropped"] > dropped:
+                self.metrics["events_dropped"].inc(c["dropped"] - dropped, tags={"kind": kind})
+                logger.warning("events: %d %s rows dropped so far (sink slow or down)", c["dropped"], kind)
+            self._counted[kind] = (c["written"], c["dropped"])
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.events_flush_s)
+            try:
+                await self._flush_once()
+            except Exception:  # noqa: BLE001 - keep flushing; the sink counts its own failures
+                logger.exception("events: flush failed")
+
+    def __del__(self) -> None:
+        """Graceful shutdown: write what is still buffered (best effort)."""
+        for sink in getattr(self, "sinks", {}).values():
+            sink.flush()
 
     def _apply(self, batches: list[Any]) -> None:
         """Idempotent: two coroutines of this replica may fetch the same batches."""
@@ -301,6 +344,32 @@ class Gateway:
             logger.exception("request %s failed", request_id)
             return JSONResponse({"request_id": request_id, "error": "internal error"}, status_code=500)
 
+    @api.post("/feedback")
+    async def feedback(self, request: Request) -> JSONResponse:
+        """What a user did with a served item: {"request_id" (of the /recommend response), "item",
+        "event": "click" | "purchase" | "dismiss", "time" (optional, epoch seconds)}."""
+        call_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        try:
+            if self.token and request.headers.get("authorization") != f"Bearer {self.token}":
+                raise RequestError(401, "authorization: missing or wrong bearer token")
+            raw = await request.body()
+            if len(raw) > self.cfg.max_body_bytes:
+                raise RequestError(413, f"body: {len(raw)} bytes is over the limit of {self.cfg.max_body_bytes}")
+            try:
+                row = parse_feedback(json.loads(raw))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RequestError(400, f"body: malformed JSON ({e})") from e
+            except ValueError as e:
+                raise RequestError(400, str(e)) from e
+            if not self.sinks:
+                raise RequestError(404, "feedback: this endpoint has no events_dir, so feedback is not collected")
+            self._log_event("feedback", {**row, "time": row["time"] if row["time"] is not None else time.time(),
+                                         "received": time.time()})
+            return JSONResponse({"request_id": call_id, "accepted": True}, headers={"x-request-id": call_id})
+        except RequestError as e:
+            return JSONResponse({"request_id": call_id, "error": str(e)}, status_code=e.status,
+                                headers={"x-request-id": call_id})
+
     @api.post("/recommend")
     async def recommend(self, request: Request) -> JSONResponse:
         t0 = time.perf_counter()
@@ -347,6 +416,11 @@ class Gateway:
                         "codebook_version": self.codebook_version, "fallback": fallback, "items": results,
                         "unknown_items": unknown, "history_truncated": truncated, "history_used": len(history)}
             status = 200
+            self._log_event("exposures", {
+                # A request without a user_id was assigned by its request id: it is its own user.
+                "request_id": request_id, "user_id": req.user_id or f"anon:{request_id}", "variant": variant,
+                "model_version": info["model_version"], "codebook_version": self.codebook_version,
+                "items": [r["item_id"] for r in results], "fallback": fallback, "time": time.time()})
         except RequestError as e:
             body_out, status = {"request_id": request_id, "error": str(e)}, e.status
         except Exception as e:  # noqa: BLE001 - one bad request must not take the replica down

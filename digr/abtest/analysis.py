@@ -239,3 +239,26 @@ def report_table(report: Report) -> str:
         lines.append("rejected rows (kept aside): " + ", ".join(f"{k} {n}" for k, n in sorted(report.rejected.items())))
     lines.append(f"\nverdict: {report.verdict}")
     return "\n".join(lines)
+
+
+def positive_interactions(exposures: Iterable[Mapping[str, Any]], feedback: Iterable[Mapping[str, Any]],
+                          events: tuple[str, ...] = ("click", "purchase")) -> dict[str, list[str]]:
+    """What users chose from their recommendations, for the next training run: {user_id: [item,
+    ...]} in time order, one entry per (request, item) with any of `events` on an exposed item.
+    Anonymous users (no user_id at request time) are left out: they have no sequence to extend."""
+    shown = {e["request_id"]: e for e in exposures
+             if e.get("request_id") and e.get("user_id") and isinstance(e.get("items"), (list, tuple))}
+    picked: dict[tuple[str, str], float] = {}
+    for f in feedback:
+        e = shown.get(f.get("request_id"))
+        if e is None or f.get("event") not in events or str(f.get("item")) not in {str(i) for i in e["items"]}:
+            continue
+        if str(e["user_id"]).startswith("anon:"):
+            continue
+        key = (f["request_id"], str(f["item"]))
+        t = float(f.get("time") or e.get("time") or 0.0)
+        picked[key] = min(t, picked.get(key, t))
+    out: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    for (rid, item), t in picked.items():
+        out[str(shown[rid]["user_id"])].append((t, item))
+    return {u: [i for _, i in sorted(rows)] for u, rows in out.items()}

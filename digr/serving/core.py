@@ -55,6 +55,12 @@ class ServeConfig:
     # How long a model replica that is being stopped (scale-down, update, delete) may finish its
     # requests before it is killed; also how long deleting a replica that never got a node takes.
     model_graceful_shutdown_timeout_s: float = 20.0  # Ray Serve's default
+    # Exposure and feedback logs (`digr.serving.events`): JSONL shards under <events_dir>/exposures
+    # and /feedback (local or s3://), written off the request path every events_flush_s; at most
+    # events_buffer rows wait per log and replica, more are dropped and counted. "" = no logs.
+    events_dir: str = ""
+    events_flush_s: float = 1.0
+    events_buffer: int = 10_000
 
     def __post_init__(self) -> None:
         if self.max_k < 1 or self.beam_size < 1:
@@ -64,6 +70,9 @@ class ServeConfig:
             raise ValueError(f"serve.variants: duplicate names {names}")
         if any(v.weight < 0 for v in self.variants) or (self.variants and sum(v.weight for v in self.variants) <= 0):
             raise ValueError("serve.variants: weights must be >= 0 with a positive sum")
+        if not self.events_flush_s > 0 or self.events_buffer < 1:
+            raise ValueError(f"serve: need events_flush_s > 0 and events_buffer >= 1, got {self.events_flush_s}, "
+                             f"{self.events_buffer}")
         if not self.model_graceful_shutdown_timeout_s >= 0:
             raise ValueError(f"serve.model_graceful_shutdown_timeout_s must be >= 0, "
                              f"got {self.model_graceful_shutdown_timeout_s}")

@@ -143,3 +143,33 @@ def test_the_job_names_what_is_wrong(tmp_path, capsys, extra, message) -> None:
     (tmp_path / "e.jsonl").write_text("")
     rc = main(["--exposures", str(tmp_path / "e.jsonl"), "--feedback", str(tmp_path / "missing.jsonl"), *extra])
     assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_positive_feedback_becomes_the_next_runs_training_data(tmp_path) -> None:
+    import pyarrow as pa
+
+    from digr.abtest.analysis import positive_interactions
+    from digr.data.ingest import IngestConfig, ingest
+    from digr.platform import storage
+    from jobs.abtest import export_inter
+
+    exp = [{"request_id": "r1", "user_id": "u1", "variant": "A", "items": ["b", "c"], "time": 10.0},
+           {"request_id": "r2", "user_id": "u1", "variant": "A", "items": ["a", "c"], "time": 20.0},
+           {"request_id": "r3", "user_id": "anon:r3", "variant": "A", "items": ["a"], "time": 5.0}]
+    fb = [{"request_id": "r2", "item": "c", "event": "purchase", "time": 21.0},
+          {"request_id": "r1", "item": "b", "event": "click", "time": 11.0},
+          {"request_id": "r1", "item": "c", "event": "dismiss", "time": 12.0},
+          {"request_id": "r3", "item": "a", "event": "click", "time": 6.0}]
+    assert positive_interactions(exp, fb) == {"u1": ["b", "c"]}  # time order; dismiss and anonymous left out
+
+    run = tmp_path / "run"
+    storage.write_table(str(run / "ingest" / "items.parquet"), pa.table({
+        "item_idx": pa.array([0, 1, 2], pa.int32()), "item_id": ["a", "b", "c"], "title": ["A", "B", "C"],
+        "description": ["", "", ""], "brand": ["", "", ""], "categories": ["x", "x", "y"]}))
+    storage.write_table(str(run / "ingest" / "sequences.parquet"), pa.table({
+        "user_id": ["u1", "u2"], "item_idx": [[0, 1, 2, 0, 1], [2, 1, 0, 2, 1]]}))
+    assert export_inter(str(run), exp, fb, str(tmp_path / "next"), "Next") == (1, 2)
+    seqs = json.loads((tmp_path / "next" / "Next.inter.json").read_text())
+    assert seqs == {"u1": ["a", "b", "c", "a", "b", "b", "c"], "u2": ["c", "b", "a", "c", "b"]}
+    res = ingest(IngestConfig(source="inter-json", path=str(tmp_path / "next"), name="Next"))
+    assert res.sequences.num_rows == 2  # the pipeline reads the export

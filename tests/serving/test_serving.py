@@ -207,7 +207,7 @@ def test_serve_app_over_http(ray_local, tmp_path) -> None:
     port = 18123
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"run_dir": run, "max_k": 5, "beam_size": 5, "max_body_bytes": 2000, "max_request_items": 50,
-            "additions_dir": str(tmp_path / "additions"),
+            "additions_dir": str(tmp_path / "additions"), "events_dir": str(tmp_path / "events"), "events_flush_s": 0.2,
             "variants": [{"name": "a", "model_dir": f"{run}/sft/model", "weight": 1.0},
                          {"name": "b", "model_dir": f"{run}/sft/model", "weight": 1.0}]}
     serve.run(build(args), name="digr-test", route_prefix="/", blocking=False)
@@ -246,6 +246,27 @@ def test_serve_app_over_http(ray_local, tmp_path) -> None:
         assert status == 400 and err["error"].startswith("k:") and err["request_id"]
         assert _post(f"{url}/recommend", b'{"history": ["i1"]}', {"x-digr-variant": "zzz"})[0] == 400
         assert _post(f"{url}/recommend", json.dumps({"history": ["i1"] * 40, "pad": "x" * 3000}).encode())[0] == 413
+
+        # the A/B loop: every 200 is an exposure; feedback on it is logged; the analysis reads both
+        status, fb = _post(f"{url}/feedback", json.dumps({"request_id": out["request_id"], "item": out["items"][0]["item_id"],
+                                                          "event": "click"}).encode())
+        assert status == 200 and fb["accepted"], fb
+        status, err = _post(f"{url}/feedback", json.dumps({"request_id": "r", "item": "i1", "event": "like"}).encode())
+        assert status == 400 and err["error"].startswith("event:")
+        from digr.abtest.analysis import analyse
+        from jobs.abtest import read_records
+
+        deadline = time.time() + 30
+        while time.time() < deadline and not (list((tmp_path / "events" / "feedback").glob("*.jsonl"))
+                                              and len(read_records(str(tmp_path / "events" / "exposures"))) >= 7):
+            time.sleep(0.2)
+        exposures = read_records(str(tmp_path / "events" / "exposures"))
+        assert len(exposures) == 7  # the seven 200s so far; no 4xx is an exposure
+        first = next(e for e in exposures if e["request_id"] == out["request_id"])
+        assert first["user_id"] == "u7" and first["variant"] == out["variant"] and first["codebook_version"] == "cb123"
+        assert first["items"] == [r["item_id"] for r in out["items"]]
+        report = analyse(exposures, read_records(str(tmp_path / "events" / "feedback")), {"a": 1.0, "b": 1.0})
+        assert report.variants[out["variant"]].ctr.value > 0 and not report.rejected
 
         # a new item, no retraining: SID from the frozen tokenizer, then known to recommend
         status, added = _post(f"{url}/items", json.dumps({"items": [{"item_id": "new1", "title": "A brand new thing"}]}).encode())
