@@ -42,6 +42,7 @@ from digr.serving.core import (
     Variant,
     assign_variant,
     extend_sids,
+    parse_items,
     parse_request,
     popularity_order,
 )
@@ -201,10 +202,27 @@ class Gateway:
         self.log = addition_log(log_name, items.num_rows, self.cfg.additions_dir) if log_name else None
         if self.log is not None:
             self._apply(ray.get(self.log.since.remote(len(self.catalogue.item_ids))))
+        self._install_contract()
         self.sinks = {kind: EventSink(self.cfg.events_dir, kind, self.cfg.events_buffer)
                       for kind in ("exposures", "feedback")} if self.cfg.events_dir else {}
         self._flusher: asyncio.Task | None = None
         self._counted = {kind: (0, 0) for kind in self.sinks}  # (written, dropped) already in the metrics
+
+    def _install_contract(self) -> None:
+        """/openapi.json with the request bodies and status codes of `digr.serving.contract`."""
+        from fastapi.openapi.utils import get_openapi
+
+        from digr.serving import contract
+
+        def openapi() -> dict[str, Any]:
+            if api.openapi_schema is None:
+                api.openapi_schema = contract.apply(
+                    get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes),
+                    self.cfg)
+            return api.openapi_schema
+
+        api.openapi_schema = None
+        api.openapi = openapi
 
     def _log_event(self, kind: str, row: dict[str, Any]) -> None:
         """Queue a row (never blocks, never raises); the flusher starts with the first row."""
@@ -294,18 +312,14 @@ class Gateway:
         try:
             if self.token and request.headers.get("authorization") != f"Bearer {self.token}":
                 raise RequestError(401, "authorization: missing or wrong bearer token")
+            raw = await request.body()
+            if len(raw) > self.cfg.max_body_bytes:
+                raise RequestError(413, f"body: {len(raw)} bytes is over the limit of {self.cfg.max_body_bytes}")
             try:
-                body = json.loads(await request.body())
+                body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise RequestError(400, f"body: malformed JSON ({e})") from e
-            rows = body.get("items") if isinstance(body, dict) else None
-            if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-                raise RequestError(400, "items: expected a non-empty list of objects")
-            for n, r in enumerate(rows):
-                if not isinstance(r.get("item_id"), str) or not r["item_id"]:
-                    raise RequestError(400, f"items[{n}].item_id: required, a non-empty string")
-                if not isinstance(r.get("title"), str) or not r["title"].strip():
-                    raise RequestError(400, f"items[{n}].title: required, a non-empty string")
+            rows = parse_items(body, self.cfg.max_add_items)
             if self.tokenizer is None:
                 from digr.serving.core import FrozenTokenizer
 
@@ -385,7 +399,7 @@ class Gateway:
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise RequestError(400, f"body: malformed JSON ({e})") from e
-            req = parse_request(body, self.cfg.max_k, self.cfg.max_request_items)
+            req = parse_request(body, self.cfg.max_k, self.cfg.max_request_items, self.cfg.max_id_length)
             forced = request.headers.get(VARIANT_HEADER)
             if forced is not None and forced not in self.handles:
                 raise RequestError(400, f"{VARIANT_HEADER}: unknown variant {forced!r} (known: {sorted(self.handles)})")

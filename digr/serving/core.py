@@ -43,7 +43,11 @@ class ServeConfig:
     max_k: int = 50
     max_history: int = 0                    # items the model reads; 0 = the model's training window (from its dir)
     max_request_items: int = 1000           # longest history accepted in a request
-    max_body_bytes: int = 65536
+    max_id_length: int = 128                # characters of an item id in a request (user ids: 256)
+    max_add_items: int = 100                # items in one POST /items
+    # A transport guard above every body the documented contract allows (serve/README.md, /openapi.json):
+    # 1000 ids x 128 characters, each up to 12 bytes as JSON escapes, is 1.5 MB; 100 items to add, 4 MB.
+    max_body_bytes: int = 8 * 2**20
     auth_token_env: str = ""                # name of an env var holding a bearer token; "" = no auth
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.005
@@ -108,7 +112,11 @@ class Request:
     exclude_seen: bool = True
 
 
-def parse_request(body: Any, max_k: int, max_items: int) -> Request:
+MAX_USER_ID = 256
+INT64 = (-(2**63), 2**63 - 1)  # integer item ids are accepted in this range
+
+
+def parse_request(body: Any, max_k: int, max_items: int, max_id_length: int = 128) -> Request:
     """A decoded JSON body -> Request, or RequestError naming the field (400, or 422 for types)."""
     if not isinstance(body, dict):
         raise RequestError(400, "body: expected a JSON object")
@@ -118,11 +126,21 @@ def parse_request(body: Any, max_k: int, max_items: int) -> Request:
     if "history" not in body:
         raise RequestError(400, "history: required (a list of item ids, oldest first; may be empty)")
     history = body["history"]
-    if not isinstance(history, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in history):
+    if not isinstance(history, list):
+        raise RequestError(422, "history: expected a list of item ids (strings)")
+    # JSON has one number type: 12.0 is the integer 12 (as JSON Schema counts it), so it is id "12".
+    history = [int(x) if isinstance(x, float) and x.is_integer() else x for x in history]
+    if not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in history):
         raise RequestError(422, "history: expected a list of item ids (strings)")
     if len(history) > max_items:
         raise RequestError(400, f"history: {len(history)} items is over the limit of {max_items}")
+    for n, x in enumerate(history):
+        if isinstance(x, str) and len(x) > max_id_length:
+            raise RequestError(400, f"history[{n}]: {len(x)} characters is over the limit of {max_id_length}")
+        if isinstance(x, int) and not INT64[0] <= x <= INT64[1]:
+            raise RequestError(422, f"history[{n}]: an integer id must fit in 64 bits")
     k = body.get("k", min(10, max_k))
+    k = int(k) if isinstance(k, float) and k.is_integer() else k  # 5.0 is the integer 5 in JSON
     if not isinstance(k, int) or isinstance(k, bool):
         raise RequestError(422, f"k: expected an integer, got {k!r}")
     if not 1 <= k <= max_k:
@@ -130,10 +148,44 @@ def parse_request(body: Any, max_k: int, max_items: int) -> Request:
     user_id = body.get("user_id")
     if user_id is not None and not isinstance(user_id, str):
         raise RequestError(422, "user_id: expected a string")
+    if user_id is not None and len(user_id) > MAX_USER_ID:
+        raise RequestError(400, f"user_id: {len(user_id)} characters is over the limit of {MAX_USER_ID}")
     exclude = body.get("exclude_seen", True)
     if not isinstance(exclude, bool):
         raise RequestError(422, "exclude_seen: expected true or false")
     return Request(history=tuple(str(x) for x in history), k=k, user_id=user_id, exclude_seen=exclude)
+
+
+# POST /items: the fields of an item to add and their longest accepted length (characters).
+ITEM_FIELDS = {"item_id": 128, "title": 512, "brand": 128, "categories": 512, "description": 2048}
+
+
+def parse_items(body: Any, max_add_items: int) -> list[dict[str, str]]:
+    """A decoded POST /items body -> the item rows, or RequestError naming the field."""
+    rows = body.get("items") if isinstance(body, dict) else None
+    if not isinstance(body, dict) or set(body) - {"items"}:
+        raise RequestError(400, "body: expected {\"items\": [...]} and nothing else")
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise RequestError(400, "items: expected a non-empty list of objects")
+    if len(rows) > max_add_items:
+        raise RequestError(400, f"items: {len(rows)} is over the limit of {max_add_items} a request")
+    for n, r in enumerate(rows):
+        unknown = sorted(set(r) - set(ITEM_FIELDS))
+        if unknown:
+            raise RequestError(400, f"items[{n}].{unknown[0]}: unknown field (known: {', '.join(ITEM_FIELDS)})")
+        for f, limit in ITEM_FIELDS.items():
+            v = r.get(f)
+            if v is None and f not in ("item_id", "title"):
+                continue
+            if not isinstance(v, str):
+                raise RequestError(400, f"items[{n}].{f}: {'required, ' if f in ('item_id', 'title') else ''}a string")
+            if len(v) > limit:
+                raise RequestError(400, f"items[{n}].{f}: {len(v)} characters is over the limit of {limit}")
+        if not r["item_id"]:
+            raise RequestError(400, f"items[{n}].item_id: required, a non-empty string")
+        if not r["title"].strip():
+            raise RequestError(400, f"items[{n}].title: required, a non-empty string")
+    return rows
 
 
 @dataclass

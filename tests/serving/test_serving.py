@@ -477,3 +477,47 @@ def test_serve_metrics_are_tagged_per_variant(ray_local, tmp_path) -> None:
     finally:
         serve.delete("digr-metrics")
         serve.shutdown()
+
+
+def test_the_openapi_contract_holds_under_schemathesis(ray_local, tmp_path) -> None:
+    """`st run` against /openapi.json, every check: schema-valid bodies are accepted, invalid ones
+    get a 4xx, every status code is documented, no 5xx (digr/serving/contract.py)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ray import serve
+
+    from serve.app import build
+
+    run, _ = _tiny_run(tmp_path)
+    port = 18124
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build({"run_dir": run, "max_k": 5, "beam_size": 5, "events_dir": str(tmp_path / "events"),
+                     "variants": [{"name": "a", "model_dir": f"{run}/sft/model"}]}),
+              name="digr-st", route_prefix="/", blocking=False)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=10) as r:
+                    if json.loads(r.read())["status"] == "ready":
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert time.time() < deadline, "the app did not become ready"
+            time.sleep(0.5)
+        st = Path(sys.executable).with_name("st")
+        out = subprocess.run([str(st), "run", f"{url}/openapi.json", "--checks", "all", "-n", "50", "--seed", "0",
+                              "--request-timeout", "30"], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+        assert " passed" in out.stdout and "failure" not in out.stdout.split("SUMMARY")[-1].lower(), out.stdout[-3000:]
+    finally:
+        serve.delete("digr-st")
+        serve.shutdown()
+        import ray
+
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if actor["name"].startswith("digr-items-"):
+                ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
