@@ -7,6 +7,10 @@ the proxy (`RAY_SERVE_ENABLE_HA_PROXY=1`), in one run.
 
     .venv/bin/python benchmarks/bench_serve.py [--run runs/bench-scientific] [--seconds 10] [--rate 100]
         [--modes default throughput haproxy]
+    .venv/bin/python benchmarks/bench_serve.py --events --modes default [--rounds 2] [--clients 32]
+
+--events measures only what the exposure log (serve.events_dir) costs: the same closed loop with
+the log off and on, interleaved round by round; target (issue 26) under 5% of the throughput.
 
 Clients are threads with keep-alive HTTP connections, each in a bounded closed loop (send,
 wait for the answer, send again) for `--seconds`; histories are the test split's (item ids,
@@ -180,6 +184,11 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    if args.events:
+        events_overhead(args, bodies, run, mode)
+        serve.shutdown()
+        ray.shutdown()
+        return 0
     for batching, max_batch in (("on (max 16, 5 ms)", 16), ("off", 1)):
         if max_batch == 1 and mode != "default":
             break  # the batching comparison is the default mode's
@@ -209,6 +218,39 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
     return 0
 
 
+def events_overhead(args: argparse.Namespace, bodies: list[bytes], run: str, mode: str) -> None:
+    """Throughput with the exposure log off and on (events_dir), interleaved off/on/off/on so the
+    machine's drift hits both alike; prints each round and the mean overhead."""
+    import shutil
+    import tempfile
+
+    from ray import serve
+
+    from serve.app import build
+
+    folder = tempfile.mkdtemp(prefix="bench-events-")
+    rps: dict[str, list[float]] = {"off": [], "on": []}
+    try:
+        for rnd in range(args.rounds):
+            for setting in ("off", "on"):
+                extra = {"events_dir": folder} if setting == "on" else {}
+                serve.run(build({"run_dir": run, "beam_size": 20, **extra}), name="bench", route_prefix="/",
+                          blocking=False)
+                closed_loop(bodies, 2, 2.0, PORT)  # warm-up
+                r = closed_loop(bodies, max(args.clients), args.seconds, PORT)
+                rps[setting].append(r["rps"])
+                print(f"| {mode} | exposure log {setting} | round {rnd + 1} | {max(args.clients)} | {r['rps']:.1f} | "
+                      f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} |", flush=True)
+                serve.delete("bench")
+        logged = sum(len(open(p).read().splitlines()) for p in __import__("glob").glob(f"{folder}/exposures/*.jsonl"))
+        off, on = sum(rps["off"]) / len(rps["off"]), sum(rps["on"]) / len(rps["on"])
+        cost = 1 - on / off
+        print(f"exposure log: {off:.1f} -> {on:.1f} requests/s ({cost:+.1%} cost; {logged} exposures written); "
+              f"target < 5%: {'MET' if cost < 0.05 else 'NOT MET'}", flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default=str(REPO / "runs" / "bench-scientific"))
@@ -216,6 +258,8 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=100.0)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["default", "throughput", "haproxy"])
+    ap.add_argument("--events", action="store_true", help="only the exposure-log cost: log off vs on, interleaved")
+    ap.add_argument("--rounds", type=int, default=2, help="off/on rounds with --events")
     ap.add_argument("--one-mode", choices=sorted(MODES), help=argparse.SUPPRESS)  # a child process's mode
     args = ap.parse_args()
     if args.one_mode:
@@ -226,7 +270,7 @@ def main() -> int:
     print("| Serve mode | path | batching | clients | requests/s | p50 ms | p99 ms | errors |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
     child = [sys.executable, __file__, "--run", args.run, "--seconds", str(args.seconds), "--rate", str(args.rate),
-             "--clients", *map(str, args.clients)]
+             "--clients", *map(str, args.clients), "--rounds", str(args.rounds), *(["--events"] if args.events else [])]
     worst = 0
     for mode in args.modes:
         env = {**os.environ, **MODES[mode]}
