@@ -11,6 +11,9 @@ the proxy (`RAY_SERVE_ENABLE_HA_PROXY=1`), in one run.
 
 --events measures only what the exposure log (serve.events_dir) costs: the same closed loop with
 the log off and on, interleaved round by round; target (issue 26) under 5% of the throughput.
+--overload sends an open loop at twice the measured capacity, with the gateway's shedding
+(max_inflight, request_timeout_s) and without it; target (issue 25): accepted p99 < 200 ms, the
+rest 503 + Retry-After within 50 ms.
 
 Clients are threads with keep-alive HTTP connections, each in a bounded closed loop (send,
 wait for the answer, send again) for `--seconds`; histories are the test split's (item ids,
@@ -103,10 +106,34 @@ def open_loop(bodies: list[bytes], rate: float, seconds: float, port: int = PORT
     with cf.ThreadPoolExecutor(workers) as pool:
         res = list(pool.map(one, range(n)))
     ok = [lat for lat, s in res if s == 200]
+    shed = [lat for lat, s in res if s == 503]
     achieved = len(ok) / (max(start + n / rate, time.perf_counter()) - start)
     return {"sent": n, "ok_rps": achieved, "errors": sum(s != 200 for _, s in res),
+            "shed": len(shed), "other_errors": sum(s not in (200, 503) for _, s in res),
             "p50_ms": 1000 * float(np.percentile(ok, 50)) if ok else float("nan"),
-            "p99_ms": 1000 * float(np.percentile(ok, 99)) if ok else float("nan")}
+            "p99_ms": 1000 * float(np.percentile(ok, 99)) if ok else float("nan"),
+            "shed_p99_ms": 1000 * float(np.percentile(shed, 99)) if shed else float("nan")}
+
+
+def overload(args: argparse.Namespace, bodies: list[bytes], run: str, mode: str) -> None:
+    """Open loop at 2x the measured capacity: with shedding (the defaults) and, as the reference,
+    without it (max_inflight and the timeout out of reach), one after the other on one machine."""
+    from ray import serve
+
+    from serve.app import build
+
+    for name, extra in (("shedding (defaults)", {}), ("no shedding (reference)", {"max_inflight": 100000,
+                                                                                 "request_timeout_s": 600.0})):
+        serve.run(build({"run_dir": run, "beam_size": 20, **extra}), name="bench", route_prefix="/", blocking=False)
+        closed_loop(bodies, 2, 2.0, PORT)  # warm-up
+        cap = closed_loop(bodies, 32, args.seconds, PORT)["rps"]
+        r = open_loop(bodies, 2 * cap, args.seconds, PORT, workers=256)
+        met = r["p99_ms"] < 200 and (r["shed_p99_ms"] < 50 if r["shed"] else True)
+        print(f"| {mode} | overload: {name} | capacity {cap:.1f}/s, sent {2 * cap:.1f}/s | {r['ok_rps']:.1f} ok/s | "
+              f"accepted p50 {r['p50_ms']:.0f} p99 {r['p99_ms']:.0f} ms | shed {r['shed']} of {r['sent']} "
+              f"(p99 {r['shed_p99_ms']:.0f} ms) | other errors {r['other_errors']} | accepted p99 < 200 ms and "
+              f"shed p99 < 50 ms: {'MET' if met else 'NOT MET'}", flush=True)
+        serve.delete("bench")
 
 
 def kill_replica_under_load(bodies: list[bytes], clients: int, seconds: float) -> str:
@@ -184,8 +211,11 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    if args.events:
-        events_overhead(args, bodies, run, mode)
+    if args.events or args.overload:
+        if args.overload:
+            overload(args, bodies, run, mode)
+        if args.events:
+            events_overhead(args, bodies, run, mode)
         serve.shutdown()
         ray.shutdown()
         return 0
@@ -260,6 +290,7 @@ def main() -> int:
     ap.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["default", "throughput", "haproxy"])
     ap.add_argument("--events", action="store_true", help="only the exposure-log cost: log off vs on, interleaved")
     ap.add_argument("--rounds", type=int, default=2, help="off/on rounds with --events")
+    ap.add_argument("--overload", action="store_true", help="only the 2x-capacity open loop, shed vs not")
     ap.add_argument("--one-mode", choices=sorted(MODES), help=argparse.SUPPRESS)  # a child process's mode
     args = ap.parse_args()
     if args.one_mode:
@@ -270,7 +301,8 @@ def main() -> int:
     print("| Serve mode | path | batching | clients | requests/s | p50 ms | p99 ms | errors |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
     child = [sys.executable, __file__, "--run", args.run, "--seconds", str(args.seconds), "--rate", str(args.rate),
-             "--clients", *map(str, args.clients), "--rounds", str(args.rounds), *(["--events"] if args.events else [])]
+             "--clients", *map(str, args.clients), "--rounds", str(args.rounds), *(["--events"] if args.events else []),
+             *(["--overload"] if args.overload else [])]
     worst = 0
     for mode in args.modes:
         env = {**os.environ, **MODES[mode]}

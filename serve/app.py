@@ -160,6 +160,7 @@ def _metrics() -> dict[str, Any]:
         "fallbacks": metrics.Counter("digr_fallbacks", "Responses served from the cold-start list", tag_keys=tags),
         "latency": metrics.Histogram("digr_latency_ms", "Gateway latency (ms)",
                                      boundaries=[5, 10, 20, 50, 100, 200, 500, 1000, 2000], tag_keys=tags),
+        "shed": metrics.Counter("digr_shed", "Requests answered 503 at once (max_inflight reached)", tag_keys=tags),
         "events_written": metrics.Counter("digr_events_written", "Exposure / feedback rows written", tag_keys=("kind",)),
         "events_dropped": metrics.Counter("digr_events_dropped", "Exposure / feedback rows dropped (sink slow or down)",
                                           tag_keys=("kind",)),
@@ -202,6 +203,7 @@ class Gateway:
         self.log = addition_log(log_name, items.num_rows, self.cfg.additions_dir) if log_name else None
         if self.log is not None:
             self._apply(ray.get(self.log.since.remote(len(self.catalogue.item_ids))))
+        self.inflight = 0  # /recommend requests this replica is serving now
         self._install_contract()
         self.sinks = {kind: EventSink(self.cfg.events_dir, kind, self.cfg.events_buffer)
                       for kind in ("exposures", "feedback")} if self.cfg.events_dir else {}
@@ -389,6 +391,20 @@ class Gateway:
         t0 = time.perf_counter()
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         variant = "-"
+        # Shed, do not queue: beyond max_inflight requests in this replica the answer is an
+        # immediate 503 with Retry-After, so the accepted ones keep their latency.
+        if self.inflight >= self.cfg.max_inflight:
+            self.metrics["shed"].inc(tags={"variant": variant})
+            return JSONResponse({"request_id": request_id, "error": "overloaded, retry later"}, status_code=503,
+                                headers={"x-request-id": request_id, "retry-after": str(self.cfg.retry_after_s)})
+        self.inflight += 1
+        try:
+            return await self._recommend(request, request_id, t0)
+        finally:
+            self.inflight -= 1
+
+    async def _recommend(self, request: Request, request_id: str, t0: float) -> JSONResponse:
+        variant = "-"
         try:
             if self.token and request.headers.get("authorization") != f"Bearer {self.token}":
                 raise RequestError(401, "authorization: missing or wrong bearer token")
@@ -418,8 +434,13 @@ class Gateway:
             else:
                 # Every known item of the request is "seen", also those before the model's window.
                 seen = {self.catalogue.index[i] for i in req.history if i in self.catalogue.index}
-                ranked = await self.handles[variant].remote(history, sorted(seen) if req.exclude_seen else [], req.k,
-                                                            len(self.catalogue.item_ids))
+                try:
+                    ranked = await asyncio.wait_for(
+                        self.handles[variant].remote(history, sorted(seen) if req.exclude_seen else [], req.k,
+                                                     len(self.catalogue.item_ids)), timeout=self.cfg.request_timeout_s)
+                except asyncio.TimeoutError as e:
+                    raise RequestError(503, f"model {variant!r}: no answer within {self.cfg.request_timeout_s} s "
+                                            "(overloaded), retry later") from e
                 if any(i >= len(self.catalogue.item_ids) for i, _ in ranked):  # the model synced further than us
                     await self._sync()
                 results = [self.catalogue.item(i, s) for i, s in ranked]
@@ -447,7 +468,10 @@ class Gateway:
                 body_out, status = {"request_id": request_id, "error": "internal error"}, 500
             self.metrics["errors"].inc(tags={"variant": variant})
         self.metrics["latency"].observe((time.perf_counter() - t0) * 1000, tags={"variant": variant})
-        return JSONResponse(body_out, status_code=status, headers={"x-request-id": request_id})
+        headers = {"x-request-id": request_id}
+        if status == 503:
+            headers["retry-after"] = str(self.cfg.retry_after_s)
+        return JSONResponse(body_out, status_code=status, headers=headers)
 
 
 def build(args: dict[str, Any]) -> Any:

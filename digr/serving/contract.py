@@ -63,7 +63,8 @@ def operations(cfg: ServeConfig) -> dict[tuple[str, str], dict[str, Any]]:
                                                       503: "a model is not loaded or does not answer"})},
         ("/recommend", "post"): {"requestBody": _json_body(recommend), "responses": _responses(
             {200: "the top-k items of the user's variant", **bad, **auth,
-             503: "the model is not ready or overloaded: retry later", 500: "internal error"})},
+             503: "the model is not ready, or overloaded (shed at once, with Retry-After): retry later",
+             500: "internal error"})},
         ("/items", "post"): {"requestBody": _json_body(items), "responses": _responses(
             {200: "the items were added, with their SIDs", **bad, **auth,
              409: "an item_id exists already, or no SID suffix is left for a collision",

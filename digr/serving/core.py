@@ -52,6 +52,11 @@ class ServeConfig:
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.005
     max_queued_requests: int = 128         # per model replica; beyond it requests get 503 (no unbounded backlog)
+    # Overload is shed, not queued: a gateway replica serving max_inflight /recommend requests answers
+    # the next at once with 503 + Retry-After; a model answer slower than request_timeout_s is a 503 too.
+    max_inflight: int = 64
+    request_timeout_s: float = 5.0
+    retry_after_s: int = 1
     additions_dir: str = ""                 # journal of items added while serving (local or s3://); "" = memory only
     # Ray actor options of every model replica, e.g. {num_gpus: 1} or {resources: {...}}; a Serve
     # config's `deployments: [{name: model_<variant>, ray_actor_options: ...}]` overrides per variant.
@@ -74,6 +79,9 @@ class ServeConfig:
             raise ValueError(f"serve.variants: duplicate names {names}")
         if any(v.weight < 0 for v in self.variants) or (self.variants and sum(v.weight for v in self.variants) <= 0):
             raise ValueError("serve.variants: weights must be >= 0 with a positive sum")
+        if self.max_inflight < 1 or not self.request_timeout_s > 0 or self.retry_after_s < 0:
+            raise ValueError(f"serve: need max_inflight >= 1, request_timeout_s > 0, retry_after_s >= 0, got "
+                             f"{self.max_inflight}, {self.request_timeout_s}, {self.retry_after_s}")
         if not self.events_flush_s > 0 or self.events_buffer < 1:
             raise ValueError(f"serve: need events_flush_s > 0 and events_buffer >= 1, got {self.events_flush_s}, "
                              f"{self.events_buffer}")

@@ -491,7 +491,7 @@ def test_the_openapi_contract_holds_under_schemathesis(ray_local, tmp_path) -> N
     from serve.app import build
 
     run, _ = _tiny_run(tmp_path)
-    port = 18124
+    port = 18125
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build({"run_dir": run, "max_k": 5, "beam_size": 5, "events_dir": str(tmp_path / "events"),
                      "variants": [{"name": "a", "model_dir": f"{run}/sft/model"}]}),
@@ -521,3 +521,43 @@ def test_the_openapi_contract_holds_under_schemathesis(ray_local, tmp_path) -> N
         for actor in ray.util.list_named_actors(all_namespaces=True):
             if actor["name"].startswith("digr-items-"):
                 ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
+
+
+def test_overload_beyond_max_inflight_is_shed_at_once_with_retry_after(ray_local, tmp_path) -> None:
+    """A gateway serving max_inflight requests answers the next with 503 + Retry-After instead
+    of queueing it; the accepted ones are served, and the app serves normally afterwards."""
+    import concurrent.futures as cf
+
+    from ray import serve
+
+    from serve.app import build
+
+    run, _ = _tiny_run(tmp_path)
+    port = 18126
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build({"run_dir": run, "max_k": 5, "beam_size": 5, "max_inflight": 2, "retry_after_s": 3,
+                     "max_batch_size": 1, "batch_wait_timeout_s": 0.0}), name="digr-shed", route_prefix="/",
+              blocking=False)
+    url = f"http://127.0.0.1:{port}/recommend"
+    body = json.dumps({"history": [f"i{k}" for k in range(12)], "k": 5}).encode()
+
+    def post(_: int) -> tuple[int, str | None, dict]:
+        req = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, r.headers.get("retry-after"), json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("retry-after"), json.loads(e.read())
+
+    try:
+        assert post(0)[0] == 200
+        with cf.ThreadPoolExecutor(64) as pool:
+            out = list(pool.map(post, range(300)))
+        statuses = {s for s, _, _ in out}
+        assert statuses <= {200, 503} and 503 in statuses and 200 in statuses, statuses
+        shed = [(h, b) for s, h, b in out if s == 503]
+        assert all(h == "3" and b["error"] == "overloaded, retry later" and b["request_id"] for h, b in shed)
+        assert post(0)[0] == 200
+    finally:
+        serve.delete("digr-shed")
+        serve.shutdown()
