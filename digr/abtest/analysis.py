@@ -226,9 +226,13 @@ def report_table(report: Report) -> str:
         cells = [f"{e.value:.4f} ({e.ci[0]:.4f}-{e.ci[1]:.4f})" for e in (s.ctr, s.purchase_rate, s.hit_rate)]
         lines.append(f"| {v}{' (control)' if v == report.control else ''} | {s.users} | {s.exposures} | "
                      + " | ".join(cells) + " |")
+    lines.append("")
     for v, by_metric in report.lifts.items():
         for m, lift in by_metric.items():
-            lines.append(f"\nlift {v} vs {report.control}, {m}: {lift['rel']:+.2%} "
+            if not math.isfinite(lift["rel"]):
+                lines.append(f"lift {v} vs {report.control}, {m}: n/a (the control's {m} is 0 or undefined)")
+                continue
+            lines.append(f"lift {v} vs {report.control}, {m}: {lift['rel']:+.2%} "
                          f"(95% CI {lift['rel_ci'][0]:+.2%} to {lift['rel_ci'][1]:+.2%}); "
                          f"difference {lift['diff']:+.4f} ({lift['diff_ci'][0]:+.4f} to {lift['diff_ci'][1]:+.4f})")
     srm = report.srm
