@@ -3,7 +3,7 @@ fusion with SASRec, SASRec and popularity; `../shared/tools/score.py` recomputes
 metrics from every predictions file, and the two must agree.
 
     .venv/bin/python benchmarks/bench_quality.py [--dataset scientific|ml100k] [--seeds 0 1 2]
-        [--output DIR] [--recbole bench_baselines/summary.json ...] [key=value ...]
+        [--output DIR] [--recbole bench_baselines/summary.json] [key=value ...]
 
 One pipeline run per seed in <output>/seed<s> (sft.seed = evaluate.sasrec.seed = s; the split and
 the tokenizer are the same for every seed). A seed's finished stages are reused on a re-run.
@@ -67,7 +67,8 @@ def main() -> int:
     ap.add_argument("--config", default=None, help="default: the dataset's configs/*.yaml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--output", default=None, help="default: runs/bench-<dataset>")
-    ap.add_argument("--recbole", nargs="*", default=[], help="bench_baselines.py summary.json files")
+    # One file per flag (repeat it): a nargs="*" option would swallow the key=value overrides after it.
+    ap.add_argument("--recbole", action="append", default=[], help="a bench_baselines.py summary.json (repeatable)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
