@@ -104,9 +104,11 @@ def main() -> int:
             runs.setdefault(model, []).append(ours)
         extra = json.loads((out / "evaluate" / "baseline_history.json").read_text())
         if "fusion" in extra:
-            print(f"  fusion weight picked on {extra['fusion']['valid_users']} valid users: {extra['fusion']['weight']} "
-                  "(valid ndcg@10 by weight: "
-                  + ", ".join(f"{r['weight']}: {r['ndcg@10']:.4f}" for r in extra["fusion"]["valid_curve"]) + ")")
+            f = extra["fusion"]
+            picked = f"weight {f['weight']}" if f.get("method", "grid") == "grid" else f"theta {f['theta']}"
+            print(f"  fusion picked on {f['valid_users']} valid users: {f.get('method', 'grid')}, {picked}; "
+                  f"2-fold valid ndcg@10 by method: {f.get('cv_ndcg@10', '-')}; grid valid ndcg@10 by weight: "
+                  + ", ".join(f"{r['weight']}: {r['ndcg@10']:.4f}" for r in f["valid_curve"]))
         for model, per in json.loads((out / "evaluate" / "buckets.json").read_text()).items():
             for name, row in per.items():
                 buckets.setdefault(model, {}).setdefault(name, []).append(row["ndcg@10"])

@@ -27,7 +27,7 @@ from digr.eval.baselines import (
     seen_mask,
     train_sasrec,
 )
-from digr.eval.fusion import FusionConfig, fuse, union_candidates
+from digr.eval.fusion import FusionConfig, choose, features, union_candidates
 
 BASELINES = ("popularity", "sasrec")
 
@@ -119,20 +119,21 @@ def test_rows(examples: pa.Table, sequences: pa.Table, split: str = "test") -> d
 
 
 class FusionRanker(GenerativeRanker):
-    """Ray Data UDF: {"history", "seen"} rows -> {"ranked": (B, W, top_k)}, one list per fusion
-    weight (`digr.eval.fusion`). The generative model reads the capped "history", SASRec all of
-    "seen" (its own max_len window), as each model alone does."""
+    """Ray Data UDF: {"history", "seen"} rows -> each row's fusion candidates (`digr.eval.fusion`):
+    {"cand", "keep": (B, C), "gen", "dense": (B, C) log-probs}, C = beam_size + candidates, the
+    beam's first. The generative model reads the capped "history", SASRec all of "seen" (its own
+    max_len window), as each model alone does. Every combination is ranked from these on the driver."""
 
-    def __init__(self, sasrec_state: dict[str, torch.Tensor], sasrec_cfg: SASRecConfig, weights: tuple[float, ...],
+    def __init__(self, sasrec_state: dict[str, torch.Tensor], sasrec_cfg: SASRecConfig,
                  candidates: int, **ranker_kwargs: Any) -> None:
         super().__init__(**{**ranker_kwargs, "dense_weight": 0.0})
         self.sasrec = SASRec(self.n_items, sasrec_cfg)
         self.sasrec.load_state_dict(sasrec_state)
         self.sasrec.to(self.device).eval()
-        self.weights, self.candidates = weights, candidates
+        self.candidates = candidates
 
     @torch.no_grad()
-    def rank(self, histories: list[list[int]], seen: list[list[int]] | None = None) -> np.ndarray:
+    def candidates_of(self, histories: list[list[int]], seen: list[list[int]] | None = None) -> dict[str, np.ndarray]:
         from digr.rec.decode import recommend, sid_logprobs
 
         seen = seen if seen is not None else histories
@@ -147,8 +148,14 @@ class FusionRanker(GenerativeRanker):
         input_ids, attention = (t.to(self.device) for t in self.model.batch(histories, self.max_history))
         gen_logp = sid_logprobs(self.model, input_ids, attention, cand)
         dense_logp = dense.gather(1, cand.clamp(min=0))
-        lists = [fuse(cand, keep, gen_logp, dense_logp, w, self.top_k) for w in self.weights]
-        return torch.stack(lists, dim=1).cpu().numpy()  # (B, W, top_k)
+        keep &= torch.isfinite(gen_logp) & torch.isfinite(dense_logp)  # an excluded item is never a candidate
+        return {"cand": cand.cpu().numpy(), "keep": keep.cpu().numpy(),
+                "gen": gen_logp.float().cpu().numpy(), "dense": dense_logp.float().cpu().numpy()}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        histories = [list(map(int, h)) for h in batch["history"]]
+        seen = [list(map(int, s)) for s in batch["seen"]]
+        return {"row": batch["row"], **self.candidates_of(histories, seen)}
 
 
 def _stream(rows: dict[str, Any], udf: type, kwargs: dict[str, Any], cfg: EvalConfig, shape: tuple[int, ...]) -> np.ndarray:
@@ -174,12 +181,46 @@ def rank_generative(rows: dict[str, Any], ranker_kwargs: dict[str, Any], cfg: Ev
     return _stream(rows, GenerativeRanker, ranker_kwargs, cfg, (cfg.top_k,))
 
 
-def rank_fused(rows: dict[str, Any], ranker_kwargs: dict[str, Any], cfg: EvalConfig,
-               sasrec_state: dict[str, torch.Tensor], weights: tuple[float, ...]) -> np.ndarray:
-    """The rows ranked by generative + SASRec fusion at each weight: (B, len(weights), top_k)."""
+def fusion_candidates(rows: dict[str, Any], ranker_kwargs: dict[str, Any], cfg: EvalConfig,
+                      sasrec_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every row's fusion candidates and both models' log-probs, in row order:
+    {"cand", "keep", "gen", "dense"}: (B, beam_size + fusion.candidates) tensors."""
+    import ray
+
     kwargs = {**ranker_kwargs, "sasrec_state": sasrec_state, "sasrec_cfg": cfg.sasrec,
-              "weights": tuple(weights), "candidates": cfg.fusion.candidates}
-    return _stream(rows, FusionRanker, kwargs, cfg, (len(weights), cfg.top_k))
+              "candidates": cfg.fusion.candidates}
+    ds = ray.data.from_items([
+        {"row": i, "history": h, "seen": s} for i, (h, s) in enumerate(zip(rows["history"], rows["seen"]))
+    ])
+    ds = ds.map_batches(
+        FusionRanker, fn_constructor_kwargs=kwargs, batch_size=cfg.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
+    )
+    parts: dict[str, list[np.ndarray]] = {"row": [], "cand": [], "keep": [], "gen": [], "dense": []}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for k in parts:
+            parts[k].append(batch[k])
+    order = np.argsort(np.concatenate(parts.pop("row")))
+    return {k: torch.from_numpy(np.concatenate(v)[order]) for k, v in parts.items()}
+
+
+def rank_fused(valid: dict[str, Any], rows: dict[str, Any], ranker_kwargs: dict[str, Any], cfg: EvalConfig,
+               sasrec_state: dict[str, torch.Tensor], counts: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Fit the fusion on the valid rows (`digr.eval.fusion.choose`) and rank the test rows once
+    with it. counts: (n_items,) training interaction counts. Returns ((B, top_k), report)."""
+    log_pop = torch.from_numpy(np.log1p(counts) / max(np.log1p(counts).max(), 1e-9)).float()
+
+    def scored(r: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        c = fusion_candidates(r, ranker_kwargs, cfg, sasrec_state)
+        return c, features(c["cand"], c["keep"], c["gen"], c["dense"], cfg.beam_size, log_pop)
+
+    v, v_feats = scored(valid)
+    combiner, report = choose(cfg.fusion, v["cand"], v["keep"], v["gen"], v["dense"], v_feats,
+                              torch.from_numpy(valid["target"]), cfg.top_k)
+    t, t_feats = scored(rows)
+    ranked = combiner.rank(t["cand"], t["keep"], t["gen"], t["dense"], t_feats, cfg.top_k)
+    return ranked.numpy(), {**report, "valid_users": len(valid["target"])}
 
 
 def subsample(rows: dict[str, Any], n: int, seed: int) -> dict[str, Any]:

@@ -35,7 +35,6 @@ from digr.eval.evaluate import (
     subsample,
     test_rows,
 )
-from digr.eval.fusion import pick_weight
 from digr.evidence.embed import EmbedConfig, load_embeddings, run_embed, with_evidence
 from digr.platform import storage
 from digr.rec.sft import SFTConfig, load_model, run_sft, save_model, uses_features
@@ -198,10 +197,8 @@ def evaluate_stage(cfg: EvalConfig, ingest_dir: str, tokenize_dir: str, sft_dir:
         ranked["sasrec"], extra["sasrec_history"], sasrec_state = ray.get(sasrec)
         if cfg.fusion.enabled:  # the weight is picked on valid; test is ranked once, with it
             valid = subsample(test_rows(examples, sequences, "valid"), cfg.fusion.valid_users, cfg.fusion.seed)
-            curve_lists = rank_fused(valid, ranker, cfg, sasrec_state, cfg.fusion.weights)
-            weight, curve = pick_weight(curve_lists, valid["target"], cfg.fusion.weights)
-            ranked["fusion"] = rank_fused(rows, ranker, cfg, sasrec_state, (weight,))[:, 0]
-            extra["fusion"] = {"weight": weight, "valid_users": len(valid["target"]), "valid_curve": curve}
+            ranked["fusion"], extra["fusion"] = rank_fused(valid, rows, ranker, cfg, sasrec_state,
+                                                           popularity_counts(seqs, n_items))
 
     item_ids = np.asarray(items["item_id"].to_pylist(), dtype=object)
     counts = popularity_counts(seqs, n_items)
@@ -217,4 +214,5 @@ def evaluate_stage(cfg: EvalConfig, ingest_dir: str, tokenize_dir: str, sft_dir:
     storage.write_json(storage.join(out, "baseline_history.json"), extra)
     storage.write_json(storage.join(out, "buckets.json"), buckets)
     return {"rows": {"test_users": len(rows["target"])}, "metrics": metrics,
-            **({"fusion_weight": extra["fusion"]["weight"]} if "fusion" in extra else {})}
+            **({"fusion": {k: extra["fusion"][k] for k in ("method", "weight", "theta", "cv_ndcg@10")
+                           if k in extra["fusion"]}} if "fusion" in extra else {})}

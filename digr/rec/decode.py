@@ -225,7 +225,7 @@ def _decoder_step(
 
 
 # Prefix states for a catalogue larger than this are not built (the search computes the layer).
-PREFIX_STATES_MAX_BYTES = 256 * 2**20
+PREFIX_STATES_MAX_BYTES = 1 * 2**30  # about 2M prefixes at d_model 128
 
 
 def _first_layer_weights(model: T5ForConditionalGeneration) -> tuple[torch.Tensor, ...]:
@@ -234,6 +234,27 @@ def _first_layer_weights(model: T5ForConditionalGeneration) -> tuple[torch.Tenso
     att = sa.SelfAttention
     return (model.decoder.embed_tokens.weight, sa.layer_norm.weight, att.q.weight, att.k.weight, att.v.weight,
             att.o.weight, att.relative_attention_bias.weight)
+
+
+@torch.no_grad()
+def _sublayer_rows(model: T5ForConditionalGeneration, seqs: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """seqs: (n, T) decoder inputs [start token, T - 1 code tokens] -> (n, d): the first
+    self-attention sublayer (residual included, eval mode) at the last position."""
+    dec = model.decoder
+    sa = dec.block[0].layer[0]
+    att = sa.SelfAttention
+    t = seqs.shape[1] - 1
+    bias = att.compute_bias(1, t + 1, device=seqs.device, past_seen_tokens=t).view(-1, t + 1).t()  # (T, H)
+    out = []
+    for part in seqs.split(chunk):
+        e = dec.embed_tokens(part)  # (n, T, d)
+        x = sa.layer_norm(e)
+        n = part.shape[0]
+        q = _linear(x[:, -1], att.q).view(n, 1, att.n_heads, -1)  # (n, 1, H, dk)
+        k, v = (_linear(x, proj).view(n, t + 1, att.n_heads, -1) for proj in (att.k, att.v))  # (n, T, H, dk)
+        weights = torch.softmax((q * k).sum(-1) + bias.to(e.dtype), dim=1).unsqueeze(-1)  # (n, T, H, 1)
+        out.append(e[:, -1] + _linear((weights * v).sum(1).view(n, -1), att.o))
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -246,32 +267,48 @@ def prefix_states(model: T5ForConditionalGeneration, trie: SidTrie, vocab: SidVo
     That sublayer reads only the decoder's own tokens, so this is what `_decoder_step` computes
     for a beam at that node, whatever the history. Costs one pass over all trie prefixes.
     """
-    dec = model.decoder
-    sa = dec.block[0].layer[0]
-    att = sa.SelfAttention
-    device = dec.embed_tokens.weight.device
+    device = model.decoder.embed_tokens.weight.device
     seqs = torch.full((1, 1), PAD, dtype=torch.long, device=device)  # level 0: the start token alone
     states = []
     for level in range(vocab.sid_len):
-        t = seqs.shape[1] - 1
-        bias = att.compute_bias(1, t + 1, device=device, past_seen_tokens=t).view(-1, t + 1).t()  # (T, H)
-        out = []
-        for part in seqs.split(chunk):
-            e = dec.embed_tokens(part)  # (n, T, d)
-            x = sa.layer_norm(e)
-            n = part.shape[0]
-            q = _linear(x[:, -1], att.q).view(n, 1, att.n_heads, -1)  # (n, 1, H, dk)
-            k, v = (_linear(x, proj).view(n, t + 1, att.n_heads, -1) for proj in (att.k, att.v))  # (n, T, H, dk)
-            weights = torch.softmax((q * k).sum(-1) + bias.to(e.dtype), dim=1).unsqueeze(-1)  # (n, T, H, 1)
-            out.append(e[:, -1] + _linear((weights * v).sum(1).view(n, -1), att.o))
-        states.append(torch.cat(out))
+        states.append(_sublayer_rows(model, seqs, chunk))
         if level + 1 < vocab.sid_len:  # the prefixes one code longer, in child-id order
             table = trie.children[level].to(device)
             parent, code = (table >= 0).nonzero(as_tuple=True)
             child = table[parent, code].long()
-            longer = torch.empty(int(child.max()) + 1, t + 2, dtype=torch.long, device=device)
+            longer = torch.empty(int(child.max()) + 1, seqs.shape[1] + 1, dtype=torch.long, device=device)
             longer[child] = torch.cat([seqs[parent], (code + vocab.level_offset(level)).unsqueeze(1)], dim=1)
             seqs = longer
+    return states
+
+
+@torch.no_grad()
+def grow_prefix_states(model: T5ForConditionalGeneration, trie: SidTrie, vocab: SidVocab,
+                       old: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`prefix_states` of a trie grown by `SidTrie.add` from the parent `old` was built for:
+    the parent's rows as they are, plus rows for the new nodes only, each from the first new
+    item under it (new nodes only arise from new items). O(new items)."""
+    device = old[0].device
+    codes = trie.codes[trie.parent_items:].to(device)
+    tokens = codes + torch.tensor([vocab.level_offset(level) for level in range(vocab.sid_len)], device=device)
+    start = torch.full((codes.shape[0], 1), PAD, dtype=torch.long, device=device)
+    nodes = torch.zeros(codes.shape[0], dtype=torch.long, device=device)
+    states = [old[0]]
+    for level in range(1, vocab.sid_len):
+        nodes = trie.step(level - 1, nodes, codes[:, level - 1])
+        first = trie.parent_nodes[level]
+        ids, where = torch.unique(nodes, return_inverse=True)
+        pick = torch.full((len(ids),), codes.shape[0], dtype=torch.long, device=device)
+        pick = pick.scatter_reduce(0, where, torch.arange(codes.shape[0], device=device), reduce="amin")
+        fresh = ids >= first
+        ids, pick = ids[fresh], pick[fresh]
+        if len(ids) != trie.num_nodes()[level] - first or (len(ids) and int(ids[-1]) != trie.num_nodes()[level] - 1):
+            raise RuntimeError(f"grow_prefix_states: level {level}'s new nodes are not the new items' prefixes")
+        if not len(ids):
+            states.append(old[level])
+            continue
+        seqs = torch.cat([start[pick], tokens[pick, :level]], dim=1)
+        states.append(torch.cat([old[level], _sublayer_rows(model, seqs).to(old[level].dtype)]))
     return states
 
 
@@ -306,7 +343,15 @@ def _cached_prefix_states(model: T5ForConditionalGeneration, trie: SidTrie, voca
     if sum(int(c.shape[0]) for c in trie.children) * model.config.d_model * 4 > PREFIX_STATES_MAX_BYTES:
         return None
     entry = _PREFIX_CACHE.get(model)
-    if entry is None or entry.trie() is not trie or not all(map(torch.equal, entry.weights, weights)):
+    same_weights = entry is not None and all(map(torch.equal, entry.weights, weights))
+    if (same_weights and entry.states is not None and trie.parent is not None
+            and entry.trie() is trie.parent() and entry.trie() is not None):
+        # The trie grew by `SidTrie.add` from the one these states are for: new rows only.
+        grown = grow_prefix_states(model, trie, vocab, entry.states)
+        entry = _PrefixEntry(weakref.ref(trie), entry.weights, grown)
+        _PREFIX_CACHE[model] = entry
+        return entry.states
+    if entry is None or entry.trie() is not trie or not same_weights:
         entry = _PrefixEntry(weakref.ref(trie), tuple(w.detach().clone() for w in weights))
         _PREFIX_CACHE[model] = entry
         if not build_now:

@@ -71,11 +71,15 @@ def test_pipeline_end_to_end_on_a_real_slice(ray_local, scientific_dir, tmp_path
     assert set(gen) == {"hr@5", "hr@10", "ndcg@5", "ndcg@10"}
     assert gen["ndcg@10"] > pop["ndcg@10"], metrics
     assert "sasrec" in metrics
-    # Fusion: the weight is picked on valid; at w = 0 / 1 it ranks by one model over both's candidates.
+    # Fusion: grid or learned, picked by a 2-fold cross-fit on valid; the grid's weight is its valid best.
     fusion = json.loads((out / "evaluate" / "baseline_history.json").read_text())["fusion"]
-    assert fusion["valid_users"] == 300 and fusion["weight"] in [r["weight"] for r in fusion["valid_curve"]]
-    assert max(r["ndcg@10"] for r in fusion["valid_curve"]) == next(
-        r["ndcg@10"] for r in fusion["valid_curve"] if r["weight"] == fusion["weight"])
+    assert fusion["valid_users"] == 300 and set(fusion["cv_ndcg@10"]) == {"grid", "learned"}
+    assert fusion["method"] == max(("grid", "learned"), key=lambda m: (fusion["cv_ndcg@10"][m], m == "grid"))
+    if fusion["method"] == "grid":
+        assert max(r["ndcg@10"] for r in fusion["valid_curve"]) == next(
+            r["ndcg@10"] for r in fusion["valid_curve"] if r["weight"] == fusion["weight"])
+    else:
+        assert fusion["weight"] is None and len(fusion["theta"]) == 7
     assert metrics["fusion"]["ndcg@10"] > pop["ndcg@10"]
     buckets = json.loads((out / "evaluate" / "buckets.json").read_text())
     assert set(buckets) == set(metrics) and sum(b["users"] for b in buckets["generative"].values()) == 600

@@ -266,3 +266,21 @@ def test_prepare_builds_the_states_at_once_and_recommend_uses_them(trie) -> None
     assert decode._PREFIX_CACHE[rec.t5].states is states  # used, not rebuilt
     assert got.items.tolist() == first.items.tolist()
     torch.testing.assert_close(got.scores, first.scores, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_an_added_trie_grows_its_prefix_states_by_the_new_rows_only(model, trie, monkeypatch) -> None:
+    decode._cached_prefix_states(model, trie, VOCAB, build_now=True)
+    new = torch.tensor([[3, 3, 3, 1], [1, 3, 0, 0], [2, 0, 1, 1]])  # a new suffix, a new branch, a new suffix
+    grown = trie.add(new)
+    full = decode.prefix_states(model, grown, VOCAB)
+
+    def rebuild(*_a, **_k):
+        raise AssertionError("a grown trie must not rebuild every prefix state")
+
+    monkeypatch.setattr(decode, "prefix_states", rebuild)
+    states = decode._cached_prefix_states(model, grown, VOCAB)
+    assert [s.shape[0] for s in states] == list(grown.num_nodes())
+    for got, want in zip(states, full):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert decode._PREFIX_CACHE[model].trie() is grown

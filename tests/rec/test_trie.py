@@ -100,8 +100,19 @@ def test_add_extends_without_renumbering_items(trie: SidTrie) -> None:
     assert bigger.lookup(torch.as_tensor(CODES)).tolist() == [0, 1, 2, 3, 4]
     assert bigger.lookup(torch.tensor([[2, 0, 1, 1], [3, 3, 3, 0]])).tolist() == [5, 6]
     assert bigger.allowed(0, torch.tensor([0])).tolist() == [[True, False, True, True]]
+    # O(batch): existing node ids stay, new prefixes take the next ids of their level.
+    # (3,) is level-1 node 2, (3, 3) level-2 node 3, (3, 3, 3) level-3 node 4; (2, 0, 1) reuses node 2.
+    assert bigger.num_nodes() == (1, 3, 4, 5) and bigger.parent() is trie and bigger.parent_nodes == (1, 2, 3, 4)
+    assert bigger.children[0].tolist() == [[0, -1, 1, 2]]
+    assert bigger.children[1].tolist() == EXPECTED[1] + [[-1, -1, -1, 3]]
+    assert bigger.children[2].tolist() == EXPECTED[2] + [[-1, -1, -1, 4]]
+    assert bigger.children[3].tolist() == [[0, 1], [2, -1], [3, 5], [4, -1], [6, -1]]
+    assert trie.children[3].tolist() == EXPECTED[3]  # the parent's tables are untouched
+    assert bigger.add(np.zeros((0, 4), np.int64)) is bigger
     with pytest.raises(ValueError, match=r"items \[0, 5\]"):
         trie.add(CODES[[0]])
+    with pytest.raises(ValueError, match=r"items \[5, 6\]"):  # twice in one batch
+        trie.add(np.array([[3, 3, 3, 0], [3, 3, 3, 0]]))
     with pytest.raises(ValueError, match="item 5: code 9 at level 0"):
         trie.add(np.array([[9, 0, 0, 0]]))
 
@@ -114,3 +125,24 @@ def test_save_load_round_trip(trie: SidTrie, tmp_path) -> None:
         assert torch.equal(loaded.codes, trie.codes)
         for got, want in zip(loaded.children, trie.children, strict=True):
             assert torch.equal(got, want)
+
+
+def test_a_large_catalogue_builds_like_the_sorted_definition() -> None:
+    """The vectorised build against the definition (node ids = sorted distinct prefixes), and
+    a grown trie answers every lookup as a trie rebuilt from all codes does."""
+    vocab = SidVocab(levels=3, codebook_size=8, suffix_size=4)
+    rng = np.random.default_rng(0)
+    codes = np.unique(rng.integers(0, [8, 8, 8, 4], size=(900, 4)), axis=0)
+    codes = codes[rng.permutation(len(codes))]
+    head, tail = codes[:700], codes[700:]
+    trie = SidTrie.from_codes(head, vocab)
+    for level in range(vocab.sid_len - 1):
+        prefixes = sorted({tuple(r) for r in head[:, : level + 1].tolist()})
+        parent = {p: i for i, p in enumerate(sorted({tuple(r) for r in head[:, :level].tolist()}))}
+        for node, p in enumerate(prefixes):
+            assert int(trie.children[level][parent[p[:-1]], p[-1]]) == node
+    grown = trie.add(tail[:50]).add(tail[50:])
+    rebuilt = SidTrie.from_codes(codes, vocab)
+    assert grown.lookup(torch.as_tensor(codes)).tolist() == list(range(len(codes)))
+    assert rebuilt.lookup(torch.as_tensor(codes)).tolist() == list(range(len(codes)))
+    assert grown.num_nodes() == rebuilt.num_nodes()
