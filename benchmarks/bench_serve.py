@@ -7,10 +7,11 @@ the proxy (`RAY_SERVE_ENABLE_HA_PROXY=1`), in one run.
 
     .venv/bin/python benchmarks/bench_serve.py [--run runs/bench-scientific] [--seconds 10] [--rate 100]
         [--modes default throughput haproxy]
-    .venv/bin/python benchmarks/bench_serve.py --events --modes default [--rounds 2] [--clients 32]
+    .venv/bin/python benchmarks/bench_serve.py --events --modes default [--rounds 6] [--seconds 5] [--clients 32]
 
---events measures only what the exposure log (serve.events_dir) costs: the same closed loop with
-the log off and on, interleaved round by round; target (issue 26) under 5% of the throughput.
+--events measures only what the exposure log (serve.events_dir) costs: the same closed loop
+against two apps deployed side by side, log off (/off) and on (/on), in alternating slices; and
+the sink's CPU per row against a request's; target (issue 26) under 5% of the throughput.
 --overload sends an open loop at twice the measured capacity, with the gateway's shedding
 (max_inflight, request_timeout_s) and without it; target (issue 25): accepted p99 < 200 ms, the
 rest 503 + Retry-After within 50 ms.
@@ -28,6 +29,7 @@ import argparse
 import http.client
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -46,11 +48,12 @@ def _connect(port: int) -> http.client.HTTPConnection:
     return http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 
 
-def _post(conn: http.client.HTTPConnection, body: bytes, port: int) -> tuple[http.client.HTTPConnection, int]:
+def _post(conn: http.client.HTTPConnection, body: bytes, port: int,
+          path: str = "/recommend") -> tuple[http.client.HTTPConnection, int]:
     """POST /recommend on a keep-alive connection -> (the connection to use next, HTTP status;
     0 for a transport error, after which the next connection is a fresh one)."""
     try:
-        conn.request("POST", "/recommend", body, {"content-type": "application/json"})
+        conn.request("POST", path, body, {"content-type": "application/json"})
         resp = conn.getresponse()
         resp.read()
         return conn, resp.status
@@ -59,20 +62,23 @@ def _post(conn: http.client.HTTPConnection, body: bytes, port: int) -> tuple[htt
         return _connect(port), 0
 
 
-def _client(bodies: list[bytes], stop: float, out: list[tuple[float, int]], seed: int, port: int) -> None:
+def _client(bodies: list[bytes], stop: float, out: list[tuple[float, int]], seed: int, port: int,
+            path: str = "/recommend") -> None:
     conn = _connect(port)
     rng = np.random.default_rng(seed)
     while time.perf_counter() < stop:
         t0 = time.perf_counter()
-        conn, status = _post(conn, bodies[int(rng.integers(len(bodies)))], port)
+        conn, status = _post(conn, bodies[int(rng.integers(len(bodies)))], port, path)
         out.append((time.perf_counter() - t0, status))
     conn.close()
 
 
-def closed_loop(bodies: list[bytes], clients: int, seconds: float, port: int = PORT) -> dict[str, float]:
+def closed_loop(bodies: list[bytes], clients: int, seconds: float, port: int = PORT,
+                path: str = "/recommend") -> dict[str, float]:
     results: list[list[tuple[float, int]]] = [[] for _ in range(clients)]
     stop = time.perf_counter() + seconds
-    threads = [threading.Thread(target=_client, args=(bodies, stop, results[c], c, port)) for c in range(clients)]
+    threads = [threading.Thread(target=_client, args=(bodies, stop, results[c], c, port, path))
+               for c in range(clients)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -209,7 +215,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
     bodies = [json.dumps({"user_id": u, "history": [ids[i] for i in h], "k": 10}).encode()
               for u, h in zip(test["user_id"].to_pylist(), test["history"].to_pylist())]
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=6 if args.events else 4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     if args.events or args.overload:
         if args.overload:
@@ -248,9 +254,32 @@ def run_mode(args: argparse.Namespace, mode: str) -> int:
     return 0
 
 
+def sink_cost(rows: int = 20_000) -> dict[str, float]:
+    """CPU microseconds per exposure row in `EventSink` (record on the request path, then the
+    background flush: JSON encoding and the write), measured in this process on real rows."""
+    import tempfile
+
+    from digr.serving.events import EventSink
+
+    row = {"request_id": "0123456789abcdef", "user_id": "u123456", "variant": "b", "model_version": "m1",
+           "codebook_version": "c1", "items": [f"B{i:09d}" for i in range(10)], "fallback": False,
+           "time": 1.7e9}
+    with tempfile.TemporaryDirectory() as folder:
+        sink = EventSink(folder, "exposures", capacity=rows)
+        c0 = time.process_time()
+        for _ in range(rows):
+            sink.record(dict(row))
+        c1 = time.process_time()
+        sink.flush()
+        c2 = time.process_time()
+    return {"record_us": 1e6 * (c1 - c0) / rows, "flush_us": 1e6 * (c2 - c1) / rows}
+
+
 def events_overhead(args: argparse.Namespace, bodies: list[bytes], run: str, mode: str) -> None:
-    """Throughput with the exposure log off and on (events_dir), interleaved off/on/off/on so the
-    machine's drift hits both alike; prints each round and the mean overhead."""
+    """Throughput with the exposure log off and on (events_dir): both apps deployed side by side
+    (/off, /on) and loaded in alternating slices, off-on-on-off, so the machine's drift hits both
+    alike; prints each slice, the mean and the median paired cost. Then the sink's own CPU cost
+    per row against the CPU one request takes at the measured throughput (the noise-free figure)."""
     import shutil
     import tempfile
 
@@ -260,23 +289,33 @@ def events_overhead(args: argparse.Namespace, bodies: list[bytes], run: str, mod
 
     folder = tempfile.mkdtemp(prefix="bench-events-")
     rps: dict[str, list[float]] = {"off": [], "on": []}
+    clients = max(args.clients)
     try:
+        for setting in ("off", "on"):
+            extra = {"events_dir": folder} if setting == "on" else {}
+            serve.run(build({"run_dir": run, "beam_size": 20, **extra}), name=setting, route_prefix=f"/{setting}",
+                      blocking=False)
+        for setting in ("off", "on"):
+            closed_loop(bodies, 2, 2.0, PORT, f"/{setting}/recommend")  # warm-up
         for rnd in range(args.rounds):
-            for setting in ("off", "on"):
-                extra = {"events_dir": folder} if setting == "on" else {}
-                serve.run(build({"run_dir": run, "beam_size": 20, **extra}), name="bench", route_prefix="/",
-                          blocking=False)
-                closed_loop(bodies, 2, 2.0, PORT)  # warm-up
-                r = closed_loop(bodies, max(args.clients), args.seconds, PORT)
+            for setting in (("off", "on") if rnd % 2 == 0 else ("on", "off")):
+                r = closed_loop(bodies, clients, args.seconds, PORT, f"/{setting}/recommend")
                 rps[setting].append(r["rps"])
-                print(f"| {mode} | exposure log {setting} | round {rnd + 1} | {max(args.clients)} | {r['rps']:.1f} | "
+                print(f"| {mode} | exposure log {setting} | slice {rnd + 1} | {clients} | {r['rps']:.1f} | "
                       f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} |", flush=True)
-                serve.delete("bench")
+        for setting in ("off", "on"):
+            serve.delete(setting)
         logged = sum(len(open(p).read().splitlines()) for p in __import__("glob").glob(f"{folder}/exposures/*.jsonl"))
-        off, on = sum(rps["off"]) / len(rps["off"]), sum(rps["on"]) / len(rps["on"])
-        cost = 1 - on / off
-        print(f"exposure log: {off:.1f} -> {on:.1f} requests/s ({cost:+.1%} cost; {logged} exposures written); "
-              f"target < 5%: {'MET' if cost < 0.05 else 'NOT MET'}", flush=True)
+        off, on = statistics.fmean(rps["off"]), statistics.fmean(rps["on"])
+        paired = statistics.median(1 - b / a for a, b in zip(rps["off"], rps["on"]))
+        print(f"exposure log, end to end: {off:.1f} -> {on:.1f} requests/s (mean cost {1 - on / off:+.1%}, "
+              f"median paired cost {paired:+.1%} over {args.rounds} slice pairs; {logged} exposures written)")
+        cost = sink_cost()
+        per_request_us = 1e6 * 2 / off  # CPU-microseconds one request takes on this 2-core box
+        share = (cost["record_us"] + cost["flush_us"]) / per_request_us
+        print(f"exposure log, CPU: record {cost['record_us']:.1f} us + flush {cost['flush_us']:.1f} us a row vs "
+              f"{per_request_us:.0f} CPU-us a request = {share:.2%}; target < 5%: "
+              f"{'MET' if share < 0.05 and paired < 0.05 else 'NOT MET'} (both figures)", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -289,7 +328,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["default", "throughput", "haproxy"])
     ap.add_argument("--events", action="store_true", help="only the exposure-log cost: log off vs on, interleaved")
-    ap.add_argument("--rounds", type=int, default=2, help="off/on rounds with --events")
+    ap.add_argument("--rounds", type=int, default=6, help="off/on slice pairs with --events")
     ap.add_argument("--overload", action="store_true", help="only the 2x-capacity open loop, shed vs not")
     ap.add_argument("--one-mode", choices=sorted(MODES), help=argparse.SUPPRESS)  # a child process's mode
     args = ap.parse_args()
