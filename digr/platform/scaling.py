@@ -16,8 +16,13 @@ class ScalingConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # Worker-group restarts after a worker or its node dies (Ray Train's FailureConfig): each
+    # restart resumes from the run's latest checkpoint, on whatever nodes are left or added.
+    max_failures: int = 3
 
     def __post_init__(self) -> None:
+        if self.max_failures < -1:
+            raise ValueError(f"ScalingConfig.max_failures must be >= -1 (-1 = no limit), got {self.max_failures}")
         if self.num_workers < 1:
             raise ValueError(f"ScalingConfig.num_workers must be >= 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0:
@@ -38,6 +43,12 @@ class ScalingConfig:
         return ray.train.ScalingConfig(
             num_workers=self.num_workers, use_gpu=self.use_gpu, resources_per_worker=resources
         )
+
+
+    def failure_config(self) -> ray.train.FailureConfig:
+        import ray.train
+
+        return ray.train.FailureConfig(max_failures=self.max_failures)
 
 
 def say(line: str) -> None:

@@ -402,7 +402,8 @@ def run_sft(
         train_loop_config={"cfg": cfg, "data": data},
         scaling_config=cfg.scaling.to_ray(),
         run_config=RunConfig(storage_path=storage.absolute(storage_dir), name=name,
-                             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+                             failure_config=cfg.scaling.failure_config()),
     )
     result = trainer.fit()
     if result.checkpoint is None:

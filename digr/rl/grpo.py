@@ -596,7 +596,8 @@ def run_grpo(examples: pa.Table, sft_model: SidRecommender, cfg: GRPOConfig, sto
         _train_loop, train_loop_config={"cfg": cfg, "data": data, "rollout_actors": actors},
         scaling_config=cfg.scaling.to_ray(),
         run_config=RunConfig(storage_path=storage.absolute(storage_dir), name=name,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=cfg.scaling.failure_config()),
     )
     try:
         result = trainer.fit()

@@ -154,7 +154,8 @@ def run_tokenize(emb: np.ndarray, cfg: TokenizeConfig, storage_dir: str, name: s
         train_loop_config={"cfg": cfg, "emb": ray.put(emb), "image_dim": image_dim},
         scaling_config=cfg.scaling.to_ray(),
         run_config=RunConfig(
-            storage_path=storage.absolute(storage_dir), name=name, checkpoint_config=CheckpointConfig(num_to_keep=1)
+            storage_path=storage.absolute(storage_dir), name=name, checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=cfg.scaling.failure_config(),
         ),
     )
     result = trainer.fit()

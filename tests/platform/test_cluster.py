@@ -245,3 +245,11 @@ def test_rayservice_pods_all_run_serve_in_the_same_throughput_mode() -> None:
     for name, container in _containers(spec):
         env = {e["name"]: e.get("value") for e in container.get("env", [])}
         assert {k: env.get(k) for k in flags} == flags, f"rayservice.yaml {name}: {env}"
+
+
+def test_rayservice_keeps_serving_through_a_head_loss() -> None:
+    """GCS fault tolerance on the serving cluster: an external Redis holds the GCS tables."""
+    spec = _load(CLUSTER / "kuberay" / "rayservice.yaml")["spec"]["rayClusterConfig"]
+    ft = spec.get("gcsFaultToleranceOptions", {})
+    assert ft.get("redisAddress", "").startswith("redis://"), "rayservice.yaml: no GCS fault tolerance"
+    assert "secretKeyRef" in ft.get("redisPassword", {}).get("valueFrom", {}), "the Redis password belongs in a secret"
