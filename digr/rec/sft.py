@@ -290,6 +290,10 @@ def _train_loop(config: dict[str, Any]) -> None:
     evaluated = ema.module if ema is not None else plain  # what validation scores and the best model is
     trie = SidTrie.from_codes(data["sids"], vocab).to(device) if rank == 0 else None
     epoch_seconds = [r["seconds"] for r in state.history]
+    if saved is not None and saved.get("rng") is not None:
+        torch.set_rng_state(saved["rng"].cpu())
+        if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([t.cpu() for t in saved["cuda_rng"]])
 
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         if state.stopped_early:
@@ -338,7 +342,11 @@ def _train_loop(config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 torch.save({"model": plain.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "state": dataclasses.asdict(state),
-                            "ema": ema.state_dict() if ema is not None else None},
+                            "ema": ema.state_dict() if ema is not None else None,
+                            # The RNG as the next epoch will find it (dropout, the loader's seed):
+                            # a run resumed from here trains exactly as one that never stopped.
+                            "rng": torch.get_rng_state(),
+                            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                            os.path.join(tmp, _TRAIN_STATE))
                 # Before the first validation the best model is the current one.
                 torch.save(best_state if best_state is not None else _cpu_state(evaluated),

@@ -296,3 +296,4 @@ def test_save_load_round_trip_with_recency_and_tied_tables(tmp_path) -> None:
     ids, mask = model.batch([[1, 2, 3], [4]], max_items=5)
     labels = model.vocab.encode(torch.from_numpy(TOY_SIDS[[5, 6]]))
     assert torch.equal(loaded(ids, mask, labels), model(ids, mask, labels))
+
