@@ -90,8 +90,8 @@ class Killer(threading.Thread):
             self.started.set()
 
     def _ready(self) -> bool:
-        if self.stage == "sft":  # a checkpoint to resume from
-            return any((self.run_dir / "sft").rglob("checkpoint_*/*"))
+        if self.stage == "sft":  # a checkpoint the controller has registered, so the restart resumes from it
+            return any((self.run_dir / "sft").rglob("checkpoint_manager_snapshot.json"))
         return True
 
     def run(self) -> None:
@@ -136,7 +136,15 @@ def run_once(cluster, overrides: list[str], out: Path, stage: str | None,
         killer.start()
     t0 = time.time()
     metrics = run_pipeline(cfg, str(out), log=killer.log if killer else print)
-    return metrics, time.time() - t0, (killer.report if killer else {})
+    report = killer.report if killer else {}
+    if stage == "sft":  # what the restarted worker said (worker output stays in the session's logs)
+        import ray
+
+        logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+        said = [line for f in logs.glob("worker-*.out") for line in f.read_text(errors="replace").splitlines()
+                if line.startswith("sft resuming after epoch") and f.stat().st_mtime >= t0]
+        report["resumed"] = said[-1].removeprefix("sft resuming ") if said else "from scratch"
+    return metrics, time.time() - t0, report
 
 
 def compare(ref: Path, got: Path) -> dict[str, bool]:
@@ -191,6 +199,8 @@ def main() -> int:
             ok &= "killed_after_s" in report and all(same.values())
             when = (f"{report['killed_after_s']} s in" if "killed_after_s" in report
                     else report.get("error", "not killed"))
+            if "resumed" in report:
+                when += f"; the restart resumed {report['resumed']}"
             table.append((stage, when, wall, same))
         print("\n| node killed mid- | when | wall s | rows equal | metrics equal | predictions equal |")
         print("|---|---|---|---|---|---|")

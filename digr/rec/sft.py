@@ -277,6 +277,10 @@ def _train_loop(config: dict[str, Any]) -> None:
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, max(total_steps, 1))
     if saved is not None:
         scheduler.load_state_dict(saved["scheduler"])  # the step count; the lambda is the new one
+        # Making the scheduler set every group's lr to the schedule's step-0 value (0 in warmup);
+        # the next step must use the (new) schedule's value at the resumed step.
+        for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * fn(scheduler.last_epoch)
 
     # DDP when world > 1 (gloo on CPU, nccl on GPU). The buffers (SID table, content vectors)
     # are the same constants on every rank: no need to re-broadcast megabytes every step.

@@ -21,3 +21,4 @@ def test_a_node_killed_mid_sft_changes_nothing(scientific_dir) -> None:
     assert out.returncode == 0, tail
     assert "*** killed node" in out.stdout and "PASS" in out.stdout, tail
     assert "| sft | " in out.stdout and out.stdout.count("| True | True | True |") == 2, tail
+    assert "the restart resumed after epoch" in out.stdout, tail  # from its checkpoint, not from scratch
