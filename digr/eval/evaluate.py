@@ -99,9 +99,12 @@ class GenerativeRanker:
         return out.items.cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        histories = [list(map(int, h)) for h in batch["history"]]
-        seen = [list(map(int, s)) for s in batch["seen"]]
-        return {"row": batch["row"], "ranked": self.rank(histories, seen)}
+        return {"row": batch["row"], "ranked": self.rank(*_histories(batch))}
+
+
+def _histories(batch: dict[str, np.ndarray]) -> tuple[list[list[int]], list[list[int]]]:
+    """A Ray Data batch's "history" and "seen" columns as lists of item_idx lists."""
+    return ([list(map(int, h)) for h in batch["history"]], [list(map(int, s)) for s in batch["seen"]])
 
 
 def test_rows(examples: pa.Table, sequences: pa.Table, split: str = "test") -> dict[str, Any]:
@@ -153,13 +156,12 @@ class FusionRanker(GenerativeRanker):
                 "gen": gen_logp.float().cpu().numpy(), "dense": dense_logp.float().cpu().numpy()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        histories = [list(map(int, h)) for h in batch["history"]]
-        seen = [list(map(int, s)) for s in batch["seen"]]
-        return {"row": batch["row"], **self.candidates_of(histories, seen)}
+        return {"row": batch["row"], **self.candidates_of(*_histories(batch))}
 
 
-def _stream(rows: dict[str, Any], udf: type, kwargs: dict[str, Any], cfg: EvalConfig, shape: tuple[int, ...]) -> np.ndarray:
-    """Stream the rows through a pool of `udf` actors; returns (B, *shape) in row order."""
+def _batches(rows: dict[str, Any], udf: type, kwargs: dict[str, Any], cfg: EvalConfig) -> Any:
+    """The rows streamed through a pool of `udf` actors: an iterator of numpy output batches,
+    each with the "row" indices it holds (in no particular order)."""
     import ray
 
     ds = ray.data.from_items([
@@ -170,8 +172,13 @@ def _stream(rows: dict[str, Any], udf: type, kwargs: dict[str, Any], cfg: EvalCo
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
     )
+    return ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def _stream(rows: dict[str, Any], udf: type, kwargs: dict[str, Any], cfg: EvalConfig, shape: tuple[int, ...]) -> np.ndarray:
+    """Stream the rows through a pool of `udf` actors; returns (B, *shape) in row order."""
     out = np.full((len(rows["target"]), *shape), EMPTY, dtype=np.int64)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in _batches(rows, udf, kwargs, cfg):
         out[batch["row"]] = np.stack(batch["ranked"])
     return out
 
@@ -185,20 +192,10 @@ def fusion_candidates(rows: dict[str, Any], ranker_kwargs: dict[str, Any], cfg: 
                       sasrec_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every row's fusion candidates and both models' log-probs, in row order:
     {"cand", "keep", "gen", "dense"}: (B, beam_size + fusion.candidates) tensors."""
-    import ray
-
     kwargs = {**ranker_kwargs, "sasrec_state": sasrec_state, "sasrec_cfg": cfg.sasrec,
               "candidates": cfg.fusion.candidates}
-    ds = ray.data.from_items([
-        {"row": i, "history": h, "seen": s} for i, (h, s) in enumerate(zip(rows["history"], rows["seen"]))
-    ])
-    ds = ds.map_batches(
-        FusionRanker, fn_constructor_kwargs=kwargs, batch_size=cfg.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
-    )
     parts: dict[str, list[np.ndarray]] = {"row": [], "cand": [], "keep": [], "gen": [], "dense": []}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in _batches(rows, FusionRanker, kwargs, cfg):
         for k in parts:
             parts[k].append(batch[k])
     order = np.argsort(np.concatenate(parts.pop("row")))

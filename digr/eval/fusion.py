@@ -97,9 +97,13 @@ def fuse(cand: torch.Tensor, keep: torch.Tensor, gen_logp: torch.Tensor, dense_l
         parts.append((1 - weight) * gen_logp)
     if weight > 0:
         parts.append(weight * dense_logp)
-    score = sum(parts).masked_fill(~keep, float("-inf"))
+    return _top(cand, sum(parts).masked_fill(~keep, float("-inf")), top_k)
+
+
+def _top(cand: torch.Tensor, score: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(B, top_k) of cand by score (-inf = never), best first, EMPTY-padded. A stable
+    descending sort keeps candidate order among equal scores (the beam comes first)."""
     k = min(top_k, score.shape[1])
-    # A stable descending sort keeps the beam's order among equal scores (the beam comes first).
     values, order = torch.sort(score, dim=1, descending=True, stable=True)
     items = cand.gather(1, order[:, :k]).masked_fill(torch.isinf(values[:, :k]), EMPTY)
     if k < top_k:
@@ -173,13 +177,7 @@ def fit_linear(feats: torch.Tensor, keep: torch.Tensor, cand: torch.Tensor, targ
 def rank_linear(cand: torch.Tensor, keep: torch.Tensor, feats: torch.Tensor, theta: torch.Tensor,
                 top_k: int) -> torch.Tensor:
     """(B, top_k) item_idx by feats @ theta, best first, EMPTY-padded (as `fuse`)."""
-    score = (feats @ theta).masked_fill(~keep, float("-inf"))
-    k = min(top_k, score.shape[1])
-    values, order = torch.sort(score, dim=1, descending=True, stable=True)
-    items = cand.gather(1, order[:, :k]).masked_fill(torch.isinf(values[:, :k]), EMPTY)
-    if k < top_k:
-        items = torch.cat([items, items.new_full((items.shape[0], top_k - k), EMPTY)], dim=1)
-    return items
+    return _top(cand, (feats @ theta).masked_fill(~keep, float("-inf")), top_k)
 
 
 @dataclass(frozen=True)

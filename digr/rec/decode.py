@@ -290,7 +290,7 @@ def grow_prefix_states(model: T5ForConditionalGeneration, trie: SidTrie, vocab: 
     item under it (new nodes only arise from new items). O(new items)."""
     device = old[0].device
     codes = trie.codes[trie.parent_items:].to(device)
-    tokens = codes + torch.tensor([vocab.level_offset(level) for level in range(vocab.sid_len)], device=device)
+    tokens = vocab.encode(codes)
     start = torch.full((codes.shape[0], 1), PAD, dtype=torch.long, device=device)
     nodes = torch.zeros(codes.shape[0], dtype=torch.long, device=device)
     states = [old[0]]
