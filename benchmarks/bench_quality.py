@@ -128,7 +128,7 @@ def main() -> int:
     if len(args.seeds) == 1:
         print("\n" + metrics_table({m: r[0] for m, r in runs.items() if "hr@5" in r[0]}))
 
-    names = list(shares)
+    names = sorted(shares, key=lambda b: int(b.split("-")[0].rstrip("+")))  # 0, 1-4, 5-19, 20+
     print("\ntest NDCG@10 by the target's training count (mean over seeds; share of test users):")
     print("| model | " + " | ".join(f"{b} ({100 * shares[b]:.1f}%)" for b in names) + " |")
     print("|---|" + "---|" * len(names))

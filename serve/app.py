@@ -9,8 +9,9 @@ requests with `@serve.batch`, and runs the shared constrained beam search
 `Gateway` checks the request (`digr.serving.core`), assigns the variant (sticky hash of user_id,
 weights changeable in place through `user_config`, forced by the `X-Digr-Variant` header),
 resolves item ids, falls back to popular items on a cold start, and tags every response and
-metric with the variant. Overload: the model deployment's bounded queue
-(`max_queued_requests`) rejects with 503 instead of growing a backlog.
+metric with the variant. Overload is shed, not queued: each gateway replica admits as many
+/recommend requests as keep its latency near `shed_latency_s` (`digr.serving.core.Admission`) and
+answers the rest 503 + Retry-After at once; the proxy's and the model's queues are bounded too.
 With `events_dir` set, every 200 from /recommend is logged as an exposure and POST /feedback
 (click / purchase / dismiss on a served item) as feedback (`digr.serving.events`), written off
 the request path; `jobs/abtest.py` reads both and says which variant won.
@@ -31,11 +32,13 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 
 from digr.serving.core import (
     AdditionConflict,
     AdditionLog,
+    Admission,
     Catalogue,
     RequestError,
     ServeConfig,
@@ -160,7 +163,7 @@ def _metrics() -> dict[str, Any]:
         "fallbacks": metrics.Counter("digr_fallbacks", "Responses served from the cold-start list", tag_keys=tags),
         "latency": metrics.Histogram("digr_latency_ms", "Gateway latency (ms)",
                                      boundaries=[5, 10, 20, 50, 100, 200, 500, 1000, 2000], tag_keys=tags),
-        "shed": metrics.Counter("digr_shed", "Requests answered 503 at once (max_inflight reached)", tag_keys=tags),
+        "shed": metrics.Counter("digr_shed", "Requests answered 503 at once (the admission limit reached)", tag_keys=tags),
         "events_written": metrics.Counter("digr_events_written", "Exposure / feedback rows written", tag_keys=("kind",)),
         "events_dropped": metrics.Counter("digr_events_dropped", "Exposure / feedback rows dropped (sink slow or down)",
                                           tag_keys=("kind",)),
@@ -203,7 +206,8 @@ class Gateway:
         self.log = addition_log(log_name, items.num_rows, self.cfg.additions_dir) if log_name else None
         if self.log is not None:
             self._apply(ray.get(self.log.since.remote(len(self.catalogue.item_ids))))
-        self.inflight = 0  # /recommend requests this replica is serving now
+        # /recommend requests this replica serves at once; beyond its limit they are shed.
+        self.admission = Admission(self.cfg.shed_latency_s, self.cfg.min_inflight, self.cfg.max_inflight)
         self._install_contract()
         self.sinks = {kind: EventSink(self.cfg.events_dir, kind, self.cfg.events_buffer)
                       for kind in ("exposures", "feedback")} if self.cfg.events_dir else {}
@@ -393,17 +397,17 @@ class Gateway:
         variant = "-"
         # Shed, do not queue: beyond max_inflight requests in this replica the answer is an
         # immediate 503 with Retry-After, so the accepted ones keep their latency.
-        if self.inflight >= self.cfg.max_inflight:
+        if not self.admission.admit():
             self.metrics["shed"].inc(tags={"variant": variant})
             return JSONResponse({"request_id": request_id, "error": "overloaded, retry later"}, status_code=503,
                                 headers={"x-request-id": request_id, "retry-after": str(self.cfg.retry_after_s)})
-        self.inflight += 1
+        model_s: list[float] = []  # the model call's latency, when there was one
         try:
-            return await self._recommend(request, request_id, t0)
+            return await self._recommend(request, request_id, t0, model_s)
         finally:
-            self.inflight -= 1
+            self.admission.done(model_s[0] if model_s else None)
 
-    async def _recommend(self, request: Request, request_id: str, t0: float) -> JSONResponse:
+    async def _recommend(self, request: Request, request_id: str, t0: float, model_s: list[float]) -> JSONResponse:
         variant = "-"
         try:
             if self.token and request.headers.get("authorization") != f"Bearer {self.token}":
@@ -434,6 +438,7 @@ class Gateway:
             else:
                 # Every known item of the request is "seen", also those before the model's window.
                 seen = {self.catalogue.index[i] for i in req.history if i in self.catalogue.index}
+                t_model = time.perf_counter()
                 try:
                     ranked = await asyncio.wait_for(
                         self.handles[variant].remote(history, sorted(seen) if req.exclude_seen else [], req.k,
@@ -441,6 +446,8 @@ class Gateway:
                 except asyncio.TimeoutError as e:
                     raise RequestError(503, f"model {variant!r}: no answer within {self.cfg.request_timeout_s} s "
                                             "(overloaded), retry later") from e
+                finally:  # what admission control steers by: the queue behind the model, not our own loop
+                    model_s.append(time.perf_counter() - t_model)
                 if any(i >= len(self.catalogue.item_ids) for i, _ in ranked):  # the model synced further than us
                     await self._sync()
                 results = [self.catalogue.item(i, s) for i, s in ranked]
@@ -508,4 +515,8 @@ def build(args: dict[str, Any]) -> Any:
     if cfg.auth_token_env and not token:
         logger.warning("serve: %s is not set where the app is built; replicas will read it from their own env",
                        cfg.auth_token_env)
-    return Gateway.options(user_config=weights).bind(dict(args), handles, token, log_name)
+    # A bounded wait in the proxy too: past gateway_max_queued requests waiting for a gateway
+    # replica, Serve's proxy answers 503 + Retry-After itself (the gateway's event loop is busy).
+    return Gateway.options(user_config=weights, max_queued_requests=cfg.gateway_max_queued,
+                           backpressure_config=BackpressureConfig(retry_after_s=cfg.retry_after_s)).bind(
+        dict(args), handles, token, log_name)

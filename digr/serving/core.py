@@ -52,9 +52,16 @@ class ServeConfig:
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.005
     max_queued_requests: int = 128         # per model replica; beyond it requests get 503 (no unbounded backlog)
-    # Overload is shed, not queued: a gateway replica serving max_inflight /recommend requests answers
-    # the next at once with 503 + Retry-After; a model answer slower than request_timeout_s is a 503 too.
+    # Overload is shed, not queued: a gateway replica serving `Admission.limit` /recommend requests
+    # answers the next at once with 503 + Retry-After. The limit follows the replica's own latency
+    # (p90 above shed_latency_s shrinks it, below lets it grow), between min_inflight and max_inflight;
+    # shed_latency_s = 0 keeps it at max_inflight. A model answer slower than request_timeout_s is a
+    # 503 too. With gateway_max_queued >= 0, requests beyond it waiting in the proxy get Serve's own 503.
     max_inflight: int = 64
+    min_inflight: int = 16                  # one full model batch (max_batch_size): fewer only idles the model
+    shed_latency_s: float = 0.2
+    # -1 = unbounded: Serve's own 503 has a plain-text body, not the contract's JSON with a request id.
+    gateway_max_queued: int = -1
     request_timeout_s: float = 5.0
     retry_after_s: int = 1
     additions_dir: str = ""                 # journal of items added while serving (local or s3://); "" = memory only
@@ -82,6 +89,10 @@ class ServeConfig:
         if self.max_inflight < 1 or not self.request_timeout_s > 0 or self.retry_after_s < 0:
             raise ValueError(f"serve: need max_inflight >= 1, request_timeout_s > 0, retry_after_s >= 0, got "
                              f"{self.max_inflight}, {self.request_timeout_s}, {self.retry_after_s}")
+        if not 1 <= self.min_inflight <= self.max_inflight or self.shed_latency_s < 0 or self.gateway_max_queued < -1:
+            raise ValueError(f"serve: need 1 <= min_inflight <= max_inflight, shed_latency_s >= 0 and "
+                             f"gateway_max_queued >= -1, got {self.min_inflight}, {self.max_inflight}, "
+                             f"{self.shed_latency_s}, {self.gateway_max_queued}")
         if not self.events_flush_s > 0 or self.events_buffer < 1:
             raise ValueError(f"serve: need events_flush_s > 0 and events_buffer >= 1, got {self.events_flush_s}, "
                              f"{self.events_buffer}")
@@ -110,6 +121,51 @@ def assign_variant(key: str, weights: dict[str, float], salt: str) -> str:
         if u < acc:
             return name
     return name  # u == total only through rounding: the last variant
+
+
+class Admission:
+    """How many /recommend requests one gateway replica admits at once: the rest are shed.
+
+    A fixed cap cannot be right for every model and machine: 64 in flight is 0.6 s of queue at
+    110 requests/s and nothing at 1,000. So the limit follows the latency the replica itself
+    sees, as TCP Vegas and Netflix's concurrency-limits do: every `every` completed requests,
+    if their p90 latency is above `target_s` the limit shrinks in proportion,
+    limit * target_s / p90 (queueing is what pushes latency past the target); at or below it
+    the limit grows by one. It stays in [min_limit, max_limit]. `target_s` = 0 keeps it at
+    max_limit. The latency is the model call's, not the whole request's: on a saturated machine
+    the gateway's own event loop slows with the traffic it sheds, and a limit steered by that
+    would fall to min_limit and shed what the model could serve. Written by hand: Ray Serve bounds queues by count (max_queued_requests), not by
+    latency.
+    """
+
+    def __init__(self, target_s: float, min_limit: int, max_limit: int, every: int = 16) -> None:
+        self.target_s, self.min_limit, self.max_limit, self.every = target_s, min_limit, max_limit, every
+        self.limit = max_limit
+        self.inflight = 0
+        self._latencies: list[float] = []
+
+    def admit(self) -> bool:
+        """True (and counted in flight) when one more request fits under the limit."""
+        if self.inflight >= self.limit:
+            return False
+        self.inflight += 1
+        return True
+
+    def done(self, latency_s: float | None) -> None:
+        """An admitted request finished; `latency_s`: its model call's seconds (None: it made none,
+        e.g. a bad request or a cold-start fallback, and says nothing about the queue)."""
+        self.inflight -= 1
+        if self.target_s <= 0 or latency_s is None:
+            return
+        self._latencies.append(latency_s)
+        if len(self._latencies) < self.every:
+            return
+        p90 = float(np.percentile(self._latencies, 90))
+        self._latencies.clear()
+        if p90 > self.target_s:
+            self.limit = max(self.min_limit, int(self.limit * self.target_s / p90))
+        else:
+            self.limit = min(self.max_limit, self.limit + 1)
 
 
 @dataclass(frozen=True)

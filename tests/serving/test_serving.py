@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from digr.serving.core import (
+    Admission,
     Catalogue,
     RequestError,
     assign_variant,
@@ -297,8 +298,38 @@ def test_serve_app_over_http(ray_local, tmp_path) -> None:
                 ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
 
 
+def test_admission_limit_follows_the_latency() -> None:
+    """Every 4 completions: p90 above the 0.1 s target shrinks the limit by target / p90, at or
+    below it the limit grows by one; never below min_limit (2) or above max_limit (8)."""
+    a = Admission(target_s=0.1, min_limit=2, max_limit=8, every=4)
+    assert all(a.admit() for _ in range(8)) and not a.admit()  # starts at max_limit
+    for _ in range(4):
+        a.done(0.4)  # p90 0.4 s: 8 * 0.1 / 0.4 = 2
+    assert a.limit == 2 and a.inflight == 4 and not a.admit()
+    for lat in (0.05, 0.05, 0.05, 0.1):  # p90 0.085 s <= target: +1
+        a.done(lat)
+    assert a.limit == 3 and a.inflight == 0
+    for _ in range(4):
+        a.admit()
+        a.done(10.0)  # far over: 3 * 0.01 -> 0, clamped to 2
+    assert a.limit == 2
+    for _ in range(6 * 4):
+        a.admit()
+        a.done(0.01)
+    assert a.limit == 8  # +1 per 4 completions, clamped at 8
+    fixed = Admission(target_s=0.0, min_limit=2, max_limit=3)
+    for _ in range(100):
+        fixed.admit()
+        fixed.done(9.0)
+    assert fixed.limit == 3  # target 0: the static cap
+    a.admit()
+    a.done(None)  # no model call: released, no sample
+    assert a.inflight == 0 and a._latencies == []
+
+
 @pytest.mark.parametrize("args, match", [
     ({"max_k": 0}, "max_k >= 1"),
+    ({"min_inflight": 8, "max_inflight": 4}, "1 <= min_inflight <= max_inflight"),
     ({"variants": [{"name": "a", "model_dir": "x"}, {"name": "a", "model_dir": "y"}]}, "duplicate names"),
     ({"variants": [{"name": "a", "model_dir": "x", "weight": -1}]}, "weights must be >= 0"),
     ({"model_graceful_shutdown_timeout_s": -1}, "model_graceful_shutdown_timeout_s must be >= 0"),
@@ -535,7 +566,7 @@ def test_overload_beyond_max_inflight_is_shed_at_once_with_retry_after(ray_local
     run, _ = _tiny_run(tmp_path)
     port = 18126
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build({"run_dir": run, "max_k": 5, "beam_size": 5, "max_inflight": 2, "retry_after_s": 3,
+    serve.run(build({"run_dir": run, "max_k": 5, "beam_size": 5, "max_inflight": 2, "min_inflight": 2, "retry_after_s": 3,
                      "max_batch_size": 1, "batch_wait_timeout_s": 0.0}), name="digr-shed", route_prefix="/",
               blocking=False)
     url = f"http://127.0.0.1:{port}/recommend"
