@@ -2,7 +2,8 @@
 
 Owns: the SID token vocabulary and the T5 recommender (`seqmodel`), the prefix trie of valid
 SIDs (`trie`), the shared constrained beam search that evaluation, serving and RL all call
-(`decode`), examples -> token tensors (`sft_data`), and SFT on Ray Train (`sft`).
+(`decode`), tensors that grow by rows in amortised O(rows added) when items are added
+(`rows`), examples -> token tensors (`sft_data`), and SFT on Ray Train (`sft`).
 The decoder lives here, not in a package of its own, because SFT validates by decoding and the
 decoder drives the model's own layers: a separate package would import this one and be imported
 by it.

@@ -42,6 +42,7 @@ from transformers import T5ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.t5.modeling_t5 import T5DenseActDense
 
+from digr.rec.rows import append_rows
 from digr.rec.seqmodel import PAD, SidRecommender, SidVocab
 from digr.rec.trie import SidTrie
 
@@ -308,7 +309,7 @@ def grow_prefix_states(model: T5ForConditionalGeneration, trie: SidTrie, vocab: 
             states.append(old[level])
             continue
         seqs = torch.cat([start[pick], tokens[pick, :level]], dim=1)
-        states.append(torch.cat([old[level], _sublayer_rows(model, seqs).to(old[level].dtype)]))
+        states.append(append_rows(old[level], _sublayer_rows(model, seqs)))
     return states
 
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from transformers import T5Config, T5ForConditionalGeneration
 
+from digr.rec.rows import append_rows
+
 PAD = 0
 EOS = 1
 _FIRST = 2
@@ -282,13 +284,13 @@ class SidRecommender(torch.nn.Module):
             if features is None or features.shape != (m, self.features.shape[1]):
                 raise ValueError(f"features must be (M={m}, {self.features.shape[1]}), got "
                                  f"{None if features is None else tuple(features.shape)}")
-            self.features = torch.cat([self.features, features.to(self.features)])
-        self.sid_tokens = torch.cat([self.sid_tokens, sid_tokens.to(self.sid_tokens)])
+            self.features = append_rows(self.features, features)
+        self.sid_tokens = append_rows(self.sid_tokens, sid_tokens)
         if self.item is not None:
             old = self.item.weight.detach()
             # From the grown tensor directly: a fresh Embedding(N + m, d) would first draw N + m
-            # random rows only to overwrite them (1.2 CPU s at 1M items).
-            self.item = torch.nn.Embedding.from_pretrained(torch.cat([old, old.new_zeros(m, old.shape[1])]),
+            # random rows only to overwrite them (1.2 CPU s at 1M items). append_rows: O(m), not O(N).
+            self.item = torch.nn.Embedding.from_pretrained(append_rows(old, old.new_zeros(m, old.shape[1])),
                                                            freeze=not self.item.weight.requires_grad)
 
     @classmethod

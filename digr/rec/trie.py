@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from digr.rec.rows import append_rows
 from digr.rec.seqmodel import SidVocab
 
 
@@ -196,7 +197,7 @@ class SidTrie:
                 grow = np.full((len(pairs), tables[level + 1].shape[1]), -1, dtype=np.int32)
                 tables[level + 1] = np.concatenate([tables[level + 1], grow])
             node = child
-        return SidTrie(self.vocab, torch.cat([self.codes, torch.from_numpy(new).to(self.codes.device)]),
+        return SidTrie(self.vocab, append_rows(self.codes, torch.from_numpy(new)),
                        [torch.from_numpy(t).to(device) for t in tables], parent=weakref.ref(self),
                        parent_nodes=self.num_nodes(), parent_items=n)
 
