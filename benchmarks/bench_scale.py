@@ -11,8 +11,8 @@ the decoder's prefix tables (`decode.prepare`), one constrained beam search batc
 histories, beam 20, an untrained model of the Scientific config's shape), and adding 100 items
 the way POST /items does (extend_sids + trie add + model tables + prepare, which grows the
 prefix tables by the new rows only; target (issue 25) < 1 s at 1M items), first and then the
-mean of the next three (steady state: the first copies the tables into storages with spare rows); wall and CPU
-seconds (the box may be shared: CPU seconds are the fairer figure), and peak RSS. Then the
+mean of the next three (the steady state: the first copies the tables into storages with spare
+rows); wall and CPU seconds (the box may be shared: CPU seconds are the fairer figure), and peak RSS. Then the
 growth of each cost per 10x items.
 """
 

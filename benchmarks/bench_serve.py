@@ -12,8 +12,8 @@ the proxy (`RAY_SERVE_ENABLE_HA_PROXY=1`), in one run.
 --events measures only what the exposure log (serve.events_dir) costs: the same closed loop
 against two apps deployed side by side, log off (/off) and on (/on), in alternating slices; and
 the sink's CPU per row against a request's; target (issue 26) under 5% of the throughput.
---overload sends an open loop at twice the measured capacity, with the gateway's shedding (the
-latency-following admission limit, the bounded proxy queue), with a fixed cap only, and without;
+--overload sends an open loop at twice the measured capacity, with the gateway's shedding as
+shipped (the latency-following admission limit), with a fixed cap only, and without;
 target (issue 25): accepted p99 < 200 ms, the rest 503 + Retry-After within 50 ms.
 
 Clients are threads with keep-alive HTTP connections, each in a bounded closed loop (send,

@@ -11,7 +11,8 @@ weights changeable in place through `user_config`, forced by the `X-Digr-Variant
 resolves item ids, falls back to popular items on a cold start, and tags every response and
 metric with the variant. Overload is shed, not queued: each gateway replica admits as many
 /recommend requests as keep its latency near `shed_latency_s` (`digr.serving.core.Admission`) and
-answers the rest 503 + Retry-After at once; the proxy's and the model's queues are bounded too.
+answers the rest 503 + Retry-After at once; the model's queue is bounded, and the proxy's can be
+(`gateway_max_queued`).
 With `events_dir` set, every 200 from /recommend is logged as an exposure and POST /feedback
 (click / purchase / dismiss on a served item) as feedback (`digr.serving.events`), written off
 the request path; `jobs/abtest.py` reads both and says which variant won.
@@ -395,7 +396,7 @@ class Gateway:
         t0 = time.perf_counter()
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         variant = "-"
-        # Shed, do not queue: beyond max_inflight requests in this replica the answer is an
+        # Shed, do not queue: beyond the admission limit in this replica the answer is an
         # immediate 503 with Retry-After, so the accepted ones keep their latency.
         if not self.admission.admit():
             self.metrics["shed"].inc(tags={"variant": variant})
@@ -515,8 +516,8 @@ def build(args: dict[str, Any]) -> Any:
     if cfg.auth_token_env and not token:
         logger.warning("serve: %s is not set where the app is built; replicas will read it from their own env",
                        cfg.auth_token_env)
-    # A bounded wait in the proxy too: past gateway_max_queued requests waiting for a gateway
-    # replica, Serve's proxy answers 503 + Retry-After itself (the gateway's event loop is busy).
+    # With gateway_max_queued >= 0, a bounded wait in the proxy too: past it, Serve's proxy answers
+    # 503 + Retry-After itself (with a plain-text body, so it is off by default).
     return Gateway.options(user_config=weights, max_queued_requests=cfg.gateway_max_queued,
                            backpressure_config=BackpressureConfig(retry_after_s=cfg.retry_after_s)).bind(
         dict(args), handles, token, log_name)

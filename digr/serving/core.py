@@ -53,7 +53,7 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.005
     max_queued_requests: int = 128         # per model replica; beyond it requests get 503 (no unbounded backlog)
     # Overload is shed, not queued: a gateway replica serving `Admission.limit` /recommend requests
-    # answers the next at once with 503 + Retry-After. The limit follows the replica's own latency
+    # answers the next at once with 503 + Retry-After. The limit follows its model calls' latency
     # (p90 above shed_latency_s shrinks it, below lets it grow), between min_inflight and max_inflight;
     # shed_latency_s = 0 keeps it at max_inflight. A model answer slower than request_timeout_s is a
     # 503 too. With gateway_max_queued >= 0, requests beyond it waiting in the proxy get Serve's own 503.
@@ -134,8 +134,8 @@ class Admission:
     the limit grows by one. It stays in [min_limit, max_limit]. `target_s` = 0 keeps it at
     max_limit. The latency is the model call's, not the whole request's: on a saturated machine
     the gateway's own event loop slows with the traffic it sheds, and a limit steered by that
-    would fall to min_limit and shed what the model could serve. Written by hand: Ray Serve bounds queues by count (max_queued_requests), not by
-    latency.
+    would fall to min_limit and shed what the model could serve. Written by hand: Ray Serve
+    bounds queues by count (max_queued_requests), not by latency.
     """
 
     def __init__(self, target_s: float, min_limit: int, max_limit: int, every: int = 16) -> None:
